@@ -116,6 +116,7 @@ SDK_VARIABLES = (
     "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
     "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
     "AWS_LAMBDA_LOG_FORMAT", "AWS_LAMBDA_RUNTIME_API",
+    "PARAMETERS_SECRETS_EXTENSION_PYTHON",  # read by bootstrap, not here
 )
 OUR_VARIABLES = tuple(row[0] for row in INTEGER_SETTINGS + CHOICE_SETTINGS) + (
     "PARAMETERS_SECRETS_EXTENSION_PREFETCH",
@@ -280,12 +281,13 @@ ENDPOINT_OVERRIDES = {"ssm": "AWS_ENDPOINT_URL_SSM", "secretsmanager": "AWS_ENDP
 def endpoint_url(service, region, environ):
     """The base URL for service ("ssm" or "secretsmanager") in region, as the SDKs choose it:
     a service override, then AWS_ENDPOINT_URL, then the partition's (FIPS) endpoint."""
-    override = _present(environ, ENDPOINT_OVERRIDES[service]) or _present(environ, "AWS_ENDPOINT_URL")
-    if override:
-        parts = urlsplit(override)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"endpoint override {override!r} is not an http(s) URL")
-        return override.rstrip("/")
+    for variable in (ENDPOINT_OVERRIDES[service], "AWS_ENDPOINT_URL"):
+        override = _present(environ, variable)
+        if override:
+            parts = urlsplit(override)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{variable}={override!r} is not an http(s) URL with a host")
+            return override.rstrip("/")
     if not re.fullmatch(r"[a-z0-9-]+", region):
         raise ValueError(f"region {region!r} is not a region name")
     suffix = next((s for prefix, s in PARTITION_SUFFIXES if region.startswith(prefix)), "amazonaws.com")
@@ -541,14 +543,13 @@ class CredentialProvider:
 
     def container_url(self):
         c = self.config
-        if c.container_full_uri:
-            url = c.container_full_uri
-            parts = urlsplit(url)
-            if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in CONTAINER_HTTP_HOSTS):
-                return url
-            raise CredentialsError(f"AWS_CONTAINER_CREDENTIALS_FULL_URI host {parts.hostname!r} is not allowed: "
-                                   "use https, loopback or the container credentials address")
-        return f"http://{CONTAINER_HOST}{c.container_relative_uri}"
+        if c.container_relative_uri:  # the SDKs look at the relative URI first
+            return f"http://{CONTAINER_HOST}{c.container_relative_uri}"
+        parts = urlsplit(c.container_full_uri)
+        if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in CONTAINER_HTTP_HOSTS):
+            return c.container_full_uri
+        raise CredentialsError(f"AWS_CONTAINER_CREDENTIALS_FULL_URI host {parts.hostname!r} is not allowed: "
+                               "use https, loopback or the container credentials address")
 
     def _from_container(self):
         c = self.config
@@ -1475,8 +1476,12 @@ class Listener:
 
     def stop(self, grace):
         """Stop accepting, then let requests in flight finish within grace seconds."""
-        for server in self.servers:
-            server.shutdown()
+        # shutdown() waits for the serve loop's next poll: stop all listeners at once.
+        stoppers = [threading.Thread(target=server.shutdown) for server in self.servers]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper, server in zip(stoppers, self.servers):
+            stopper.join()
             server.server_close()
         if not self.in_flight.wait_zero(grace):
             self.service.log.warn("stopping with requests still in flight")
@@ -1549,6 +1554,10 @@ class Stop(Exception):
 
 
 def _raise_stop(signum, frame):
+    # Once stopping, further signals are ignored: a second SIGTERM must not interrupt
+    # the orderly stop that the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise Stop(signal.Signals(signum).name)
 
 
@@ -1619,24 +1628,26 @@ def main(argv):
     try:
         service, listener = start_up(config, log)
         listener.start()  # accepting before /register: the function's init code can fetch
+        if config.prefetch:  # started while signals are still blocked, like every thread
+            threading.Thread(target=service.prefetch, args=(config.prefetch,), daemon=True).start()
     except Fatal as error:
         fatal = error
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
-    if api is not None:
-        return run_in_lambda(api, name, config, log, service, listener, fatal)
-    if fatal is not None:
-        log.error(str(fatal))
-        return 2
-    if config.prefetch:
-        threading.Thread(target=service.prefetch, args=(config.prefetch,), daemon=True).start()
     try:
+        # A SIGTERM that came during start-up is delivered right here, inside the try.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        if api is not None:
+            return run_in_lambda(api, name, config, log, service, listener, fatal)
+        if fatal is not None:
+            log.error(str(fatal))
+            return 2
         while True:
             time.sleep(3600)  # the signal handler raises Stop here
     except Stop as stop:
         log.info(f"{stop}: stopping")
-    listener.stop(grace=5.0)
-    report_summary(service, name, config, log)
+    if listener is not None:
+        listener.stop(grace=5.0)
+        report_summary(service, name, config, log)
     return 0
 
 
@@ -1648,8 +1659,6 @@ def run_in_lambda(api, name, config, log, service, listener, fatal):
             log.error(str(fatal))
             api.report_error("init", fatal.error_type, str(fatal))
             return 2
-        if config.prefetch:
-            threading.Thread(target=service.prefetch, args=(config.prefetch,), daemon=True).start()
         while True:
             event = api.next_event()
             if str(event.get("eventType", "")).upper() == "SHUTDOWN":

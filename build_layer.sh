@@ -1,0 +1,121 @@
+#!/bin/sh
+# Builds the Lambda layer zip: dist/<name>-layer.zip holding exactly
+#     extensions/<name>        the bootstrap (mode 0755): Lambda starts every file in
+#                              /opt/extensions/, and the extension registers under that
+#                              file's name
+#     <name>/extension.py      the extension (mode 0644)
+# One zip serves x86_64 and arm64 (a shell script and pure Python).
+#
+# Usage: ./build_layer.sh [-o DIR] [NAME]
+#   NAME  extension name (default parameters-secrets-extension, or $EXTENSION_NAME)
+#   -o    output directory (default dist/ beside this script, or $DIST_DIR)
+# Requires python3 (>= 3.6) at build time, for its zipfile module: zip(1) is not always
+# installed and does not make reproducible archives by itself. No network is used.
+#
+# Reproducible: the same inputs give the same bytes on every run and every machine, so a
+# published layer can be checked against a local build: sorted entries, fixed timestamps
+# (1980-01-01 00:00, the earliest a zip can hold), fixed Unix modes, no extra fields, and
+# entries STORED, not deflated (deflate output may change with the zlib version; the
+# layer is small, so compression buys nothing that matters).
+# No directory entries: Lambda (like every unzip) creates the parent directories itself,
+# and the zip then holds exactly the two files.
+# The zip's path is printed on stdout as the last line; progress goes to stderr.
+set -eu
+
+say() {
+    printf 'build_layer: %s\n' "$*" >&2
+}
+
+err() {
+    printf 'build_layer: ERROR %s\n' "$*" >&2
+}
+
+usage() {
+    printf 'usage: %s [-o DIR] [NAME]\n' "$0" >&2
+}
+
+main() {
+    # CDPATH= : a set CDPATH would make cd print the directory into the result.
+    root=$(CDPATH="" cd -- "$(dirname -- "$0")" && pwd)
+    out_dir=${DIST_DIR:-$root/dist}
+    while getopts 'o:h' opt; do
+        case $opt in
+            o) out_dir=$OPTARG ;;
+            h) usage; exit 0 ;;
+            *) usage; exit 2 ;;
+        esac
+    done
+    shift $((OPTIND - 1))
+    if [ "$#" -gt 1 ]; then
+        usage
+        exit 2
+    fi
+    name=${1:-${EXTENSION_NAME:-parameters-secrets-extension}}
+    # The name becomes a file name in /opt/extensions/ and the Lambda-Extension-Name header.
+    case $name in
+        '' | .* | *[!A-Za-z0-9._-]*)
+            err "invalid extension name '$name': use letters, digits, '.', '_' and '-', not starting with '.'"
+            exit 2
+            ;;
+    esac
+    python=${PYTHON:-python3}
+    if ! command -v "$python" >/dev/null 2>&1; then
+        err "$python not found: building the layer needs Python 3 (set PYTHON to one)"
+        exit 1
+    fi
+    for f in bootstrap extension.py; do
+        if [ ! -f "$root/$f" ]; then
+            err "$root/$f is missing"
+            exit 1
+        fi
+    done
+    mkdir -p -- "$out_dir"
+    out_dir=$(CDPATH="" cd -- "$out_dir" && pwd)
+    zip_path=$out_dir/$name-layer.zip
+
+    "$python" - "$root" "$name" "$zip_path" <<'EOF'
+import hashlib
+import os
+import sys
+import zipfile
+
+root, name, zip_path = sys.argv[1:4]
+entries = {
+    "extensions/" + name: (os.path.join(root, "bootstrap"), 0o755),
+    name + "/extension.py": (os.path.join(root, "extension.py"), 0o644),
+}
+with open(entries[name + "/extension.py"][0], "rb") as f:
+    source = f.read()
+try:
+    # A syntax error would otherwise only show up in Lambda, as a crashed extension.
+    compile(source, "extension.py", "exec", dont_inherit=True)
+except SyntaxError as e:
+    sys.exit("build_layer: ERROR extension.py does not compile: %s" % e)
+
+# Written beside the target and renamed: a failed build never leaves a half zip behind.
+tmp = zip_path + ".tmp"
+try:
+    with zipfile.ZipFile(tmp, "w") as zf:
+        for arcname in sorted(entries):
+            path, mode = entries[arcname]
+            with open(path, "rb") as f:
+                data = f.read()
+            info = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED
+            info.create_system = 3  # Unix, so that unzip honours the mode bits below
+            info.external_attr = (0o100000 | mode) << 16  # regular file + permissions
+            zf.writestr(info, data)
+    os.replace(tmp, zip_path)
+except BaseException:
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    raise
+with open(zip_path, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+sys.stderr.write("build_layer: %d bytes, sha256 %s\n" % (os.path.getsize(zip_path), digest))
+EOF
+    say "built $zip_path"
+    printf '%s\n' "$zip_path"
+}
+
+main "$@"
