@@ -54,6 +54,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import json
 import os
 import re
@@ -726,7 +727,7 @@ class ServiceClient:
         while True:
             attempt += 1
             try:
-                return self._attempt(target, body, deadline)
+                return self._attempt(target, body, deadline, MAX_ATTEMPTS - attempt + 1)
             except UpstreamError as error:
                 if not error.transient or attempt >= MAX_ATTEMPTS:
                     raise
@@ -738,12 +739,16 @@ class ServiceClient:
                 self.log.debug(f"{target} attempt {attempt} failed ({error}); retrying in {delay * 1000:.0f} ms")
                 self.sleep(delay)
 
-    def _attempt(self, target, body, deadline):
+    def _attempt(self, target, body, deadline, attempts_left):
         timeout = ATTEMPT_TIMEOUT_WITHOUT_BUDGET
         if deadline is not None:
-            timeout = deadline - self.clock()
-            if timeout <= 0:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
                 raise UpstreamTimeout(f"{self.service} budget spent")
+            # An attempt that is not the last gets half of what is left: a connection
+            # that never answers leaves time for a retry, and the first attempt, the
+            # one that normally succeeds, gets the largest share.
+            timeout = remaining if attempts_left == 1 else remaining / 2
         if not self.slots.acquire(timeout=timeout):
             raise UpstreamTimeout(f"no free connection to {self.service} in time")
         connection = None
@@ -1259,14 +1264,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self):
-        self.timeout = self.server.read_timeout  # idle or half-sent connections end
+        self.timeout = self.server.read_timeout
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile.close()  # StreamRequestHandler's plain reader: ours keeps a deadline
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        # A whole request (line and headers) must arrive within the read timeout: a
+        # caller dripping one byte at a time must not hold a thread for ever.
+        self.reader.deadline = time.monotonic() + self.timeout
+        super().handle_one_request()
+
+    def parse_request(self):
+        if len(self.raw_requestline.split()) == 2:
+            # HTTP/0.9 ("GET /"): http.server would go on to wait for headers that a 0.9
+            # client never sends. Refuse at once and close.
+            self.close_connection = True
+            self._send(400, b'{"__type": "BadRequest", "message": "HTTP/0.9 is not served"}')
+            return False
+        return super().parse_request()
 
     def do_GET(self):
-        if self.request_version == "HTTP/0.9":
-            self.close_connection = True  # no status line exists in HTTP/0.9: just close
-            return
         service = self.server.service
         if self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # a GET with a body: do not parse the body as a request
@@ -1333,9 +1353,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           408: "RequestTimeout"}.get(code, "BadRequest")
         text = http.server.BaseHTTPRequestHandler.responses.get(code, ("error",))[0]
         try:
-            if self.request_version != "HTTP/0.9" or code == 400:
-                self._send(code, json.dumps({"__type": error_type, "message": text}).encode("utf-8"),
-                           (("Allow", "GET"),) if code == 405 else ())
+            self._send(code, json.dumps({"__type": error_type, "message": text}).encode("utf-8"),
+                       (("Allow", "GET"),) if code == 405 else ())
         except OSError:
             pass
         self.server.service.log.debug(f"refused a malformed request: {code} {text}")
@@ -1346,6 +1365,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         log = self.server.service.log
         if log.enabled("debug"):
             log.debug("http: " + (format % args)[:300])
+
+
+class DeadlineReader(socket.SocketIO):
+    """A socket reader that gives up at a deadline rather than after a silence."""
+
+    def __init__(self, sock):
+        super().__init__(sock, "rb")
+        self.deadline = None
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request did not arrive in time")
+            self._sock.settimeout(remaining)
+        return super().readinto(buffer)
 
 
 TOO_MANY_BODY = b'{"__type": "TooManyConnections", "message": "too many connections at once; retry"}'

@@ -107,7 +107,7 @@ def served(shared_served):
     return lambda: shared_served
 
 
-def raw(port, data, timeout=5.0, close_after_send=False):
+def raw(port, data, timeout=5.0):
     """Send raw bytes on a new connection; read one HTTP response.
 
     Returns ``(status, headers dict lower-cased, body bytes)``, or ``None`` when the

@@ -59,7 +59,7 @@ FINAL_TYPE = {
 
 # A small per-service timeout for the "hang" fault: the fake accepts the call and never
 # answers, so only the extension's own timeout ends the attempt.
-HANG_TIMEOUT_MS = 2000
+HANG_TIMEOUT_MS = 3000
 
 
 def ssm_path(name, **query):
