@@ -415,6 +415,41 @@ def test_slowloris_is_closed_after_the_read_timeout(served_with, sent):
     check_case(s, action)
 
 
+def test_slow_drip_request_is_closed_at_the_read_timeout(served_with):
+    # Classic slowloris: one header byte every 100 ms never leaves the socket silent for
+    # 500 ms, so only a deadline on the whole request (not a per-read timeout) ends it.
+    s = served_with({"PARAMETERS_SECRETS_EXTENSION_READ_TIMEOUT_MILLIS": 500})
+
+    def action():
+        sock = socket.create_connection(("127.0.0.1", s.ext.port), timeout=5)
+        started = time.monotonic()
+        closed = False
+        try:
+            sock.sendall(f"GET {GOOD_PATH} HTTP/1.1\r\n".encode())
+            while time.monotonic() - started < 5.0:
+                try:
+                    sock.sendall(b"X")
+                except OSError:
+                    closed = True
+                    break
+                sock.settimeout(0.1)
+                try:
+                    if sock.recv(65536) == b"":
+                        closed = True
+                        break
+                except socket.timeout:
+                    pass
+                except ConnectionError:
+                    closed = True
+                    break
+        finally:
+            sock.close()
+        assert closed, "a request dripping one byte per 100 ms held its connection for 5 s"
+        assert time.monotonic() - started < 3.0
+
+    check_case(s, action)
+
+
 # ------------------------------------------------------------- refused callers
 
 
