@@ -4,6 +4,10 @@
 #                              /opt/extensions/, and the extension registers under that
 #                              file's name
 #     <name>/extension.py      the extension (mode 0644)
+#     <name>/__pycache__/extension.cpython-3XY.pyc
+#                              its bytecode for each Python 3.9+ found here (python3 and
+#                              python3.9 ... python3.14 on PATH), checked against the
+#                              source's hash when loaded
 # One zip serves x86_64 and arm64 (a shell script and pure Python).
 #
 # Usage: ./build_layer.sh [-o DIR] [NAME]
@@ -12,13 +16,12 @@
 # Requires python3 (>= 3.6) at build time, for its zipfile module: zip(1) is not always
 # installed and does not make reproducible archives by itself. No network is used.
 #
-# Reproducible: the same inputs give the same bytes on every run and every machine, so a
+# Reproducible: the same inputs (and Python versions) give the same bytes on every run, so a
 # published layer can be checked against a local build: sorted entries, fixed timestamps
 # (1980-01-01 00:00, the earliest a zip can hold), fixed Unix modes, no extra fields, and
 # entries STORED, not deflated (deflate output may change with the zlib version; the
 # layer is small, so compression buys nothing that matters).
-# No directory entries: Lambda (like every unzip) creates the parent directories itself,
-# and the zip then holds exactly the two files.
+# No directory entries: Lambda (like every unzip) creates the parent directories itself.
 # The zip's path is printed on stdout as the last line; progress goes to stderr.
 set -eu
 
@@ -73,17 +76,42 @@ main() {
     out_dir=$(CDPATH="" cd -- "$out_dir" && pwd)
     zip_path=$out_dir/$name-layer.zip
 
-    "$python" - "$root" "$name" "$zip_path" <<'EOF'
+    # Cached bytecode for every Python 3.9+ this machine has (the bootstrap runs the
+    # extension with -m, so Lambda's Python loads it instead of compiling the source at
+    # each cold start). Hash-checked .pyc files hold no timestamp, so they are
+    # reproducible; a runtime whose version has no .pyc here compiles the source.
+    pyc_dir=$(mktemp -d)
+    trap 'rm -rf -- "$pyc_dir"' EXIT
+    for candidate in "$python" python3.9 python3.10 python3.11 python3.12 python3.13 python3.14; do
+        # Present and runnable (a pyenv shim may exist for a version that is not selected).
+        "$candidate" -I -S -c '' >/dev/null 2>&1 || continue
+        if ! "$candidate" -I -S - "$root/extension.py" "$pyc_dir" <<'EOF'
+import importlib.util, os, py_compile, sys
+source, out_dir = sys.argv[1:3]
+if sys.version_info >= (3, 9):
+    pyc = os.path.basename(importlib.util.cache_from_source("extension.py"))
+    py_compile.compile(source, cfile=os.path.join(out_dir, pyc), dfile="extension.py", doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+EOF
+        then
+            err "$candidate could not compile extension.py"
+            exit 1
+        fi
+    done
+
+    "$python" - "$root" "$name" "$zip_path" "$pyc_dir" <<'EOF'
 import hashlib
 import os
 import sys
 import zipfile
 
-root, name, zip_path = sys.argv[1:4]
+root, name, zip_path, pyc_dir = sys.argv[1:5]
 entries = {
     "extensions/" + name: (os.path.join(root, "bootstrap"), 0o755),
     name + "/extension.py": (os.path.join(root, "extension.py"), 0o644),
 }
+for pyc in os.listdir(pyc_dir):
+    entries[name + "/__pycache__/" + pyc] = (os.path.join(pyc_dir, pyc), 0o644)
 with open(entries[name + "/extension.py"][0], "rb") as f:
     source = f.read()
 try:

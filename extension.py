@@ -15,7 +15,7 @@ Routes (loopback only: 127.0.0.1, and ::1 where the host has it)
     header X-Parameters-Secrets-Cache: hit | miss | stale | bypass.
     Errors: {"__type": ..., "message": ...}; AWS's own errors keep AWS's status.
 
-Environment (read once at start into Config; nothing reads os.environ afterwards)
+Environment (read once at start into the frozen Config; nothing reads os.environ afterwards)
     SSM_PARAMETER_STORE_TIMEOUT_MILLIS            0     Parameter Store budget per request (0 = none)
     SECRETS_MANAGER_TIMEOUT_MILLIS                0     Secrets Manager budget per request (0 = none)
     SSM_PARAMETER_STORE_TTL                       300   seconds a parameter is cached (0 = bypass; max 3600)
@@ -28,7 +28,8 @@ Environment (read once at start into Config; nothing reads os.environ afterwards
     PARAMETERS_SECRETS_EXTENSION_MAX_STALE_SECONDS 300  how long past expiry a value may be served
                                                         when AWS fails transiently (0 = never)
     PARAMETERS_SECRETS_EXTENSION_MAX_CLIENTS      64    most inbound connections at once (then 429)
-    PARAMETERS_SECRETS_EXTENSION_READ_TIMEOUT_MILLIS 10000  idle or half-sent connections are closed
+    PARAMETERS_SECRETS_EXTENSION_READ_TIMEOUT_MILLIS 10000  a request must arrive whole within
+                                                        this, or its connection is closed
     PARAMETERS_SECRETS_EXTENSION_PREFETCH         ""    "ssm:<name>[?query] secret:<id>[?query] ..."
                                                         fetched in the background at start
     PARAMETERS_SECRETS_EXTENSION_METRICS          none  emf: also print the shutdown figures as one
@@ -41,6 +42,7 @@ Environment (read once at start into Config; nothing reads os.environ afterwards
     AWS_LAMBDA_LOG_FORMAT (JSON: one JSON object per log line); AWS_LAMBDA_RUNTIME_API
     (set by Lambda: run the Extensions API lifecycle); AWS_TOKEN (the request token for
     runs outside Lambda, before AWS_SESSION_TOKEN and AWS_CONTAINER_AUTHORIZATION_TOKEN).
+    The launcher (bootstrap) reads PARAMETERS_SECRETS_EXTENSION_PYTHON.
 
 What it never does
     Listen beyond loopback; serve a request without the right token; log or echo a secret
@@ -63,8 +65,7 @@ import socket
 import sys
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections import OrderedDict, namedtuple
 from datetime import datetime, timezone
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
@@ -98,7 +99,7 @@ INTEGER_SETTINGS = (
 # A port out of range is not clamped (port 0 or 1 is never what was meant): default.
 NOT_CLAMPED = {"PARAMETERS_SECRETS_EXTENSION_HTTP_PORT"}
 
-# (variable, Config field, default, accepted values, lower-cased before the check)
+# (variable, Config field, default, accepted values; compared in lower case)
 CHOICE_SETTINGS = (
     ("PARAMETERS_SECRETS_EXTENSION_CACHE_ENABLED", "cache_enabled", "true", ("true", "false")),
     ("PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL", "log_level", "info",
@@ -117,10 +118,10 @@ SDK_VARIABLES = (
     "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
     "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
     "AWS_LAMBDA_LOG_FORMAT", "AWS_LAMBDA_RUNTIME_API",
-    "PARAMETERS_SECRETS_EXTENSION_PYTHON",  # read by bootstrap, not here
 )
 OUR_VARIABLES = tuple(row[0] for row in INTEGER_SETTINGS + CHOICE_SETTINGS) + (
     "PARAMETERS_SECRETS_EXTENSION_PREFETCH",
+    "PARAMETERS_SECRETS_EXTENSION_PYTHON",  # read by bootstrap, not here
 )
 KNOWN_VARIABLES = frozenset(OUR_VARIABLES + SDK_VARIABLES)
 # Only names containing one of these words are compared with ours, so that unrelated
@@ -128,43 +129,36 @@ KNOWN_VARIABLES = frozenset(OUR_VARIABLES + SDK_VARIABLES)
 NEAR_MISS_WORDS = ("PARAMETER", "SECRET", "SSM", "EXTENSION", "ENDPOINT_URL")
 
 
-@dataclass(frozen=True)
-class Config:
-    """Everything the extension reads from its environment, read once by load_config."""
+# (field, default): what load_config fills in from the environment.
+CONFIG_FIELDS = (
+    ("port", 2773), ("ssm_timeout_ms", 0), ("secrets_timeout_ms", 0), ("ssm_ttl", 300),
+    ("secrets_ttl", 300), ("cache_enabled", True), ("cache_size", 1000), ("max_connections", 3),
+    ("log_level", "info"), ("max_stale_seconds", 300), ("max_clients", 64), ("read_timeout_ms", 10000),
+    ("prefetch", ()), ("metrics", "none"), ("log_format", "text"),
+    ("region", None), ("ssm_endpoint", None), ("secrets_endpoint", None), ("endpoint_error", None),
+    ("lambda_runtime_api", None), ("home", None),
+    ("request_token", None), ("access_key_id", None), ("secret_access_key", None), ("session_token", None),
+    ("container_full_uri", None), ("container_relative_uri", None), ("container_token", None),
+    ("container_token_file", None), ("profile", "default"), ("shared_credentials_file", None),
+    ("config_file", None),
+)
+# Kept out of repr(), so that no log line can ever print them.
+SECRET_FIELDS = frozenset(("request_token", "secret_access_key", "session_token", "container_token"))
 
-    port: int = 2773
-    ssm_timeout_ms: int = 0
-    secrets_timeout_ms: int = 0
-    ssm_ttl: int = 300
-    secrets_ttl: int = 300
-    cache_enabled: bool = True
-    cache_size: int = 1000
-    max_connections: int = 3
-    log_level: str = "info"
-    max_stale_seconds: int = 300
-    max_clients: int = 64
-    read_timeout_ms: int = 10000
-    prefetch: tuple = ()
-    metrics: str = "none"
-    log_format: str = "text"
-    region: str = None
-    ssm_endpoint: str = None
-    secrets_endpoint: str = None
-    endpoint_error: str = None
-    lambda_runtime_api: str = None
-    home: str = None
-    # Secrets: kept out of repr() so that no accidental log line can print them.
-    request_token: str = field(default=None, repr=False)
-    access_key_id: str = None
-    secret_access_key: str = field(default=None, repr=False)
-    session_token: str = field(default=None, repr=False)
-    container_full_uri: str = None
-    container_relative_uri: str = None
-    container_token: str = field(default=None, repr=False)
-    container_token_file: str = None
-    profile: str = "default"
-    shared_credentials_file: str = None
-    config_file: str = None
+
+class Config(namedtuple("Config", [name for name, _ in CONFIG_FIELDS],
+                        defaults=[default for _, default in CONFIG_FIELDS])):
+    """Everything the extension reads from its environment, read once by load_config.
+
+    Frozen: a named tuple, whose fields cannot be assigned. Not a dataclass: importing
+    dataclasses pulls in inspect and ast, ~15 ms of every cold start (bench/)."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        shown = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self)
+                          if name not in SECRET_FIELDS)
+        return f"Config({shown})"
 
 
 def _present(environ, name):
@@ -250,16 +244,16 @@ def near_miss_warnings(environ):
         return []
     import difflib  # only when there is something to compare: keeps start-up lean
 
+    # Compared without the separators and the word AND: the commonest typos are
+    # PARAMETERS_AND_SECRETS_..., a missing S and a missing underscore.
+    table = {re.sub(r"_|AND", "", known): known for known in KNOWN_VARIABLES}
     warnings = []
     for name in sorted(candidates):
         upper = name.upper()
         if upper in KNOWN_VARIABLES:
             intended = upper  # variable names are case-sensitive
         else:
-            # Compare without the separators and the word AND: the commonest typos are
-            # PARAMETERS_AND_SECRETS_..., a missing S and a missing underscore.
             squashed = re.sub(r"_|AND", "", upper)
-            table = {re.sub(r"_|AND", "", known): known for known in OUR_VARIABLES + SDK_VARIABLES}
             close = difflib.get_close_matches(squashed, table, n=1, cutoff=0.85)
             if not close:
                 continue
@@ -1019,6 +1013,8 @@ def parse_query(query):
 
 
 def _decode(text):
+    if "%" not in text and text.isascii() and not CONTROL_CHARACTERS.search(text):
+        return text  # the common case: nothing to decode
     if BAD_ESCAPE.search(text):
         raise ClientError(400, "MalformedQuery", "the query has an invalid percent-encoding")
     try:
@@ -1309,11 +1305,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not service.token_matches(given):
                 raise ClientError(403, "InvalidToken", f"the header {TOKEN_HEADER} does not match")
             fetch = route(parse_query(query))
-            self.server.begin_request()
+            self.server.in_flight.change(+1)  # the stop waits for these to be answered
             try:
                 body, state = service.get(fetch)
             finally:
-                self.server.end_request()
+                self.server.in_flight.change(-1)
             self._send(200, body, ((CACHE_HEADER, state),))
         except Exception as error:  # every failure is answered; the server keeps serving
             self._send_error(error)
@@ -1440,12 +1436,6 @@ class Server(http.server.ThreadingHTTPServer):
         finally:
             self.slots.release()
 
-    def begin_request(self):
-        self.in_flight.change(+1)
-
-    def end_request(self):
-        self.in_flight.change(-1)
-
     def handle_error(self, request, client_address):
         # A failure inside a connection (reset by the peer, a bug): one line, no traceback
         # that could quote request data, and the server goes on serving.
@@ -1454,21 +1444,24 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 class Gauge:
-    """A counter that can be waited on until it reaches zero."""
+    """A count of requests being answered, for the stop to wait on. A plain lock, not a
+    Condition: it is taken twice per request, and the stop can afford to poll."""
 
     def __init__(self):
         self.value = 0
-        self.condition = threading.Condition()
+        self.lock = threading.Lock()
 
     def change(self, delta):
-        with self.condition:
+        with self.lock:
             self.value += delta
-            if self.value == 0:
-                self.condition.notify_all()
 
-    def wait_zero(self, timeout):
-        with self.condition:
-            return self.condition.wait_for(lambda: self.value == 0, timeout)
+    def wait_zero(self, timeout, clock=time.monotonic):
+        deadline = clock() + timeout
+        while self.value:
+            if clock() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
 
 class PortInUse(Exception):

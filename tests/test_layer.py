@@ -7,7 +7,9 @@ Lambda's Python runtimes keep their interpreter at /var/lang/bin/python3; other 
 may have no Python at all. The bootstrap is POSIX sh and must work under dash.
 """
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,22 +51,60 @@ def layer(tmp_path_factory):
 # ------------------------------------------------------------------ the zip
 
 
-def test_zip_holds_exactly_the_launcher_and_the_extension(layer):
+PYC = f"{NAME}/__pycache__/extension.{sys.implementation.cache_tag}.pyc"
+
+
+def sources_and_bytecode(names):
+    """(the entries that are not bytecode, the bytecode entries)."""
+    return ([n for n in names if "/__pycache__/" not in n], [n for n in names if "/__pycache__/" in n])
+
+
+def test_zip_holds_exactly_the_launcher_the_extension_and_its_bytecode(layer):
     with zipfile.ZipFile(layer) as zf:
         infos = zf.infolist()
-        assert [i.filename for i in infos] == [f"extensions/{NAME}", f"{NAME}/extension.py"]
-        launcher, ext = infos
+        names = [i.filename for i in infos]
+        assert names == sorted(names)
+        sources, bytecode = sources_and_bytecode(names)
+        assert sources == [f"extensions/{NAME}", f"{NAME}/extension.py"]
+        # The building Python's bytecode at least; one file per Python 3.9+ found.
+        assert PYC in bytecode
+        assert all(re.fullmatch(rf"{NAME}/__pycache__/extension\.cpython-3\d+\.pyc", n) for n in bytecode)
+        launcher, ext = zf.getinfo(sources[0]), zf.getinfo(sources[1])
         assert zf.read(launcher) == BOOTSTRAP.read_bytes()
         assert zf.read(ext) == (ROOT / "extension.py").read_bytes()
         assert zf.testzip() is None
-    # Unix modes: a regular file, 0755 for what Lambda executes, 0644 for the Python file.
+    # Unix modes: a regular file, 0755 for what Lambda executes, 0644 for the rest.
     assert launcher.create_system == 3
     assert launcher.external_attr >> 16 == 0o100755
-    assert ext.external_attr >> 16 == 0o100644
     for info in infos:
+        if info is not launcher:
+            assert info.external_attr >> 16 == 0o100644
         assert info.date_time == (1980, 1, 1, 0, 0, 0)
         assert info.extra == b""
         assert not info.is_dir()
+
+
+def test_bytecode_is_hash_checked_against_the_source_and_loads_without_compiling(layer, tmp_path):
+    with zipfile.ZipFile(layer) as zf:
+        zf.extractall(tmp_path)
+    pyc = (tmp_path / PYC).read_bytes()
+    source = (tmp_path / NAME / "extension.py").read_bytes()
+    # PEP 552 header: magic, flags (0b11: hash-based, checked), the source's hash.
+    assert pyc[:4] == importlib.util.MAGIC_NUMBER
+    assert int.from_bytes(pyc[4:8], "little") == 0b11
+    assert pyc[8:16] == importlib.util.source_hash(source)
+    # Python's own loader takes the code from the .pyc: compiling is made to fail.
+    probe = (
+        "import importlib.machinery, sys\n"
+        "loader = importlib.machinery.SourceFileLoader('extension', sys.argv[1])\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise SystemExit('compiled from source')\n"
+        "loader.source_to_code = refuse\n"
+        "loader.get_code('extension')\n"
+    )
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", probe, str(tmp_path / NAME / "extension.py")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
 
 
 def test_two_builds_are_byte_identical(tmp_path):
@@ -110,7 +150,9 @@ def test_name_by_argument_and_by_environment(tmp_path):
     for zip_path in (by_arg, by_env):
         assert zip_path.name == "my-ext-layer.zip"
         with zipfile.ZipFile(zip_path) as zf:
-            assert zf.namelist() == ["extensions/my-ext", "my-ext/extension.py"]
+            sources, bytecode = sources_and_bytecode(zf.namelist())
+            assert sources == ["extensions/my-ext", "my-ext/extension.py"]
+            assert f"my-ext/__pycache__/extension.{sys.implementation.cache_tag}.pyc" in bytecode
 
 
 @pytest.mark.parametrize("bad", ["../evil", ".hidden", "a b", "a/b"])
@@ -231,9 +273,9 @@ def test_bootstrap_execs_the_extension_with_its_own_name(tmp_path):
     # exec, not a child: the interpreter has the bootstrap's PID, so Lambda's signals
     # (and its SIGKILL at the shutdown deadline) reach the extension itself.
     assert pid == proc.pid
-    assert argv[:3] == ["-I", "-S", "-u"]
-    assert os.path.realpath(argv[3]) == str((opt / NAME / "extension.py").resolve())
-    assert argv[4:] == [NAME]
+    # Run as a module (its cached bytecode is used), from /opt/<name> (checked with a real
+    # Python below, where -m only finds extension in that directory).
+    assert argv == ["-E", "-s", "-S", "-u", "-m", "extension", NAME]
 
 
 def test_bootstrap_takes_its_name_from_its_file_name(tmp_path):
@@ -245,8 +287,7 @@ def test_bootstrap_takes_its_name_from_its_file_name(tmp_path):
     proc.communicate(timeout=10)
     assert proc.returncode == 0
     argv = calls(record)[-1][1]
-    assert argv[-1] == "renamed-ext"
-    assert os.path.realpath(argv[-2]) == str((opt / "renamed-ext" / "extension.py").resolve())
+    assert argv[-3:] == ["-m", "extension", "renamed-ext"]
 
 
 def test_bootstrap_uses_python3_from_path(tmp_path):
@@ -262,14 +303,16 @@ def test_bootstrap_uses_python3_from_path(tmp_path):
 
 
 def test_bootstrap_with_a_real_python_runs_isolated(tmp_path):
-    """With the real interpreter: the name arrives as argv[1]; -I -S -u are in effect.
+    """With the real interpreter: the name arrives as argv[1]; -E -s -S -u are in effect,
+    and the module runs as __main__ from the layer's directory.
 
-    -I: PYTHONPATH is ignored (a function's layer cannot shadow the stdlib); -S: no site.
+    -E: PYTHONPATH is ignored (a function's layer cannot shadow the stdlib); -S: no site.
     """
     probe = (
-        "import json, sys\n"
+        "import json, os, sys\n"
         "print(json.dumps({'argv': sys.argv[1:], 'no_site': sys.flags.no_site,\n"
-        "    'isolated': sys.flags.isolated, 'site': 'site' in sys.modules,\n"
+        "    'ignore_environment': sys.flags.ignore_environment, 'no_user_site': sys.flags.no_user_site,\n"
+        "    'site': 'site' in sys.modules, 'main': __name__ == '__main__', 'cwd': os.getcwd(),\n"
         "    'unbuffered': not sys.stdout.line_buffering and sys.stdout.write_through}))\n"
     )
     opt, launcher = make_opt(tmp_path, extension=probe)
@@ -283,8 +326,8 @@ def test_bootstrap_with_a_real_python_runs_isolated(tmp_path):
     assert proc.returncode == 0, err
     import json
     got = json.loads(out)
-    assert got == {"argv": [NAME], "no_site": 1, "isolated": 1, "site": False,
-                   "unbuffered": True}
+    assert got == {"argv": [NAME], "no_site": 1, "ignore_environment": 1, "no_user_site": 1,
+                   "site": False, "main": True, "cwd": str((opt / NAME).resolve()), "unbuffered": True}
 
 
 def _assert_one_clear_error(proc, *needles):
