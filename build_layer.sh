@@ -5,9 +5,9 @@
 #                              file's name
 #     <name>/extension.py      the extension (mode 0644)
 #     <name>/__pycache__/extension.cpython-3XY.pyc
-#                              its bytecode for each Python 3.9+ found here (python3 and
-#                              python3.9 ... python3.14 on PATH), checked against the
-#                              source's hash when loaded
+#                              its bytecode for each Python 3.9+ found here (python3,
+#                              python3.9 ... python3.14 on PATH, and the interpreters listed
+#                              in $LAYER_PYTHONS), checked against the source's hash when loaded
 # One zip serves x86_64 and arm64 (a shell script and pure Python).
 #
 # Usage: ./build_layer.sh [-o DIR] [NAME]
@@ -82,7 +82,9 @@ main() {
     # reproducible; a runtime whose version has no .pyc here compiles the source.
     pyc_dir=$(mktemp -d)
     trap 'rm -rf -- "$pyc_dir"' EXIT
-    for candidate in "$python" python3.9 python3.10 python3.11 python3.12 python3.13 python3.14; do
+    # shellcheck disable=SC2086 # LAYER_PYTHONS is a list of interpreters, split on spaces
+    for candidate in "$python" python3.9 python3.10 python3.11 python3.12 python3.13 python3.14 \
+        ${LAYER_PYTHONS:-}; do
         # Present and runnable (a pyenv shim may exist for a version that is not selected).
         "$candidate" -I -S -c '' >/dev/null 2>&1 || continue
         if ! "$candidate" -I -S - "$root/extension.py" "$pyc_dir" <<'EOF'

@@ -474,12 +474,12 @@ class ExtensionLauncher:
         self.started = []
 
     def __call__(self, endpoint_url, env=None, name=None, args=(), wait=True,
-                 timeout=STARTUP_TIMEOUT):
+                 timeout=STARTUP_TIMEOUT, python=None):
         env = dict(env or {})
         port_fixed = "PARAMETERS_SECRETS_EXTENSION_HTTP_PORT" in env
         attempts = 1 if port_fixed else 3
         for attempt in range(attempts):
-            ext = self._launch(endpoint_url, env, name, args, wait, timeout)
+            ext = self._launch(endpoint_url, env, name, args, wait, timeout, python)
             if (
                 not port_fixed
                 and wait is True
@@ -496,7 +496,7 @@ class ExtensionLauncher:
             )
         return ext
 
-    def _launch(self, endpoint_url, overrides, name, args, wait, timeout):
+    def _launch(self, endpoint_url, overrides, name, args, wait, timeout, python=None):
         tmp = self._tmp_factory.mktemp("ext")
         home = tmp / "home"
         home.mkdir()
@@ -521,7 +521,7 @@ class ExtensionLauncher:
         stdout_path, stderr_path = tmp / "stdout.txt", tmp / "stderr.txt"
         out = open(stdout_path, "wb")
         err = open(stderr_path, "wb")
-        cmd = [sys.executable, str(EXTENSION)]
+        cmd = [python or sys.executable, str(EXTENSION)]
         if name is not None:
             cmd.append(name)
         cmd.extend(args)

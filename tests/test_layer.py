@@ -107,6 +107,23 @@ def test_bytecode_is_hash_checked_against_the_source_and_loads_without_compiling
     assert done.returncode == 0, done.stderr
 
 
+def test_layer_pythons_add_bytecode_for_each_version(tmp_path):
+    # Every Python 3.9+ named in LAYER_PYTHONS gets its .pyc, so each runtime version
+    # starts from bytecode; older ones are passed over.
+    from test_python_versions import FOUND
+
+    others = {version: path for version, path in FOUND.items()
+              if version != "%d.%d" % sys.version_info[:2]}
+    if not others:
+        pytest.skip("no other Python 3.9+ on this machine")
+    zip_path = build_ok(tmp_path, env_extra={"LAYER_PYTHONS": " ".join(others.values())})
+    with zipfile.ZipFile(zip_path) as zf:
+        _, bytecode = sources_and_bytecode(zf.namelist())
+    expected = {f"{NAME}/__pycache__/extension.cpython-{version.replace('.', '')}.pyc"
+                for version in list(others) + ["%d.%d" % sys.version_info[:2]]}
+    assert expected <= set(bytecode)
+
+
 def test_two_builds_are_byte_identical(tmp_path):
     first = build_ok(tmp_path / "a")
     second = build_ok(tmp_path / "b")
