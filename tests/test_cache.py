@@ -163,64 +163,52 @@ def test_refresh_bypasses_a_fresh_entry_and_stores_the_new_value():
     assert store.get(KEY, lambda: b"never", ttl=300) == (b"two", "hit")
 
 
-def test_concurrent_misses_for_one_key_make_one_call():
-    store, _, _, _ = make_store()
-    release = threading.Event()
+def concurrent_gets(store, outcome, workers):
+    """workers threads ask for KEY at the same moment while the one AWS call is held
+    open; outcome is the value it returns or the error it raises. Returns (number of
+    calls, each thread's result or error type)."""
+    start = threading.Barrier(workers)
     calls = []
 
     def fetch():
         calls.append(1)
-        release.wait(5)
-        return b"value"
+        # Held until every other thread is surely waiting on this flight.
+        threading.Event().wait(0.3)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(store.get(KEY, fetch, 300))) for _ in range(32)]
+
+    def worker():
+        start.wait(5)
+        try:
+            results.append(store.get(KEY, fetch, 300)[0])
+        except extension.UpstreamError as error:
+            results.append(type(error).__name__)
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
     for thread in threads:
         thread.start()
-    # Wait until the leader is inside fetch and every other thread waits on its flight.
-    for _ in range(500):
-        if calls:
-            break
-        threading.Event().wait(0.01)
-    release.set()
     for thread in threads:
-        thread.join(5)
-    assert len(calls) == 1
-    assert len(results) == 32
-    assert all(body == b"value" for body, _ in results)
+        thread.join(10)
+    assert store.flights == {}
+    return len(calls), results
+
+
+def test_concurrent_misses_for_one_key_make_one_call():
+    store, _, _, _ = make_store()
+    calls, results = concurrent_gets(store, b"value", workers=32)
+    assert calls == 1
+    assert results == [b"value"] * 32
 
 
 def test_concurrent_waiters_share_the_leaders_error_and_nothing_is_cached():
     store, _, _, _ = make_store()
-    release = threading.Event()
-    calls = []
-
-    def fetch():
-        calls.append(1)
-        release.wait(5)
-        raise extension.AwsError(400, "ParameterNotFound", "not found")
-
-    errors = []
-
-    def worker():
-        try:
-            store.get(KEY, fetch, 300)
-        except extension.AwsError as error:
-            errors.append(error.error_type)
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for _ in range(500):
-        if calls:
-            break
-        threading.Event().wait(0.01)
-    release.set()
-    for thread in threads:
-        thread.join(5)
-    assert errors == ["ParameterNotFound"] * 8
-    assert len(calls) <= 8 and len(store.cache) == 0
-    assert store.flights == {}
+    calls, results = concurrent_gets(store, extension.AwsError(400, "ParameterNotFound", ""), workers=8)
+    assert calls == 1
+    assert results == ["AwsError"] * 8
+    assert len(store.cache) == 0
 
 
 def test_stale_value_answers_a_transient_failure_within_the_bound():
