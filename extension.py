@@ -53,6 +53,7 @@ What it never does
 Usage: python3 extension.py [NAME]    (NAME: the extension's name, for logs and /register)
 """
 
+import errno
 import hashlib
 import hmac
 import http.client
@@ -1268,8 +1269,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self.reader)
 
     def handle_one_request(self):
-        # A whole request (line and headers) must arrive within the read timeout: a
-        # caller dripping one byte at a time must not hold a thread for ever.
+        # Each request (line and headers) gets a deadline one read timeout away, checked
+        # at every read: a caller dripping one byte at a time cannot hold a thread for ever.
         self.reader.deadline = time.monotonic() + self.timeout
         super().handle_one_request()
 
@@ -1325,7 +1326,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(status, body, extra)
 
     def _send(self, status, body, extra_headers=()):
-        lines = [f"HTTP/1.1 {status} {http.server.BaseHTTPRequestHandler.responses.get(status, ('',))[0]}",
+        lines = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
                  "Content-Type: application/json", f"Content-Length: {len(body)}"]
         lines.extend(f"{name}: {value}" for name, value in extra_headers)
         if self.close_connection:
@@ -1347,7 +1348,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             error_type = {414: "RequestLineTooLong", 431: "HeadersTooLarge", 505: "HTTPVersionNotSupported",
                           408: "RequestTimeout"}.get(code, "BadRequest")
-        text = http.server.BaseHTTPRequestHandler.responses.get(code, ("error",))[0]
+        text = self.responses.get(code, ("error",))[0]
         try:
             self._send(code, json.dumps({"__type": error_type, "message": text}).encode("utf-8"),
                        (("Allow", "GET"),) if code == 405 else ())
@@ -1481,7 +1482,7 @@ class Listener:
         try:
             self.servers.append(Server(("127.0.0.1", port), socket.AF_INET, service, slots, self.in_flight))
         except OSError as error:
-            if error.errno in (98, 48):  # EADDRINUSE on Linux, macOS
+            if error.errno == errno.EADDRINUSE:
                 raise PortInUse(f"port {port} on 127.0.0.1 is already in use")
             raise
         # `localhost` may resolve to ::1 first; answering there spares callers a refused
@@ -1491,14 +1492,12 @@ class Listener:
                 self.servers.append(Server(("::1", port, 0, 0), socket.AF_INET6, service, slots, self.in_flight))
             except OSError as error:
                 service.log.debug(f"not listening on [::1]:{port} ({error.strerror})")
-        self.threads = []
 
     def start(self):
         for server in self.servers:
             thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                       name=f"listen-{server.server_address[0]}", daemon=True)
             thread.start()
-            self.threads.append(thread)
         for server in self.servers:
             host = server.server_address[0]
             shown = f"[{host}]" if ":" in host else host
