@@ -475,7 +475,8 @@ class LambdaEnvironment:
             event = ext.pending.pop(0)
             ext.waiting = False
             ext.delivered.append(event)
-            self._log(f"deliver {event['eventType']} {ext.name}")
+            kind = event["eventType"] if isinstance(event, dict) else "raw bytes"
+            self._log(f"deliver {kind} {ext.name}")
             self.cv.notify_all()
         return 200, event, (("Lambda-Extension-Event-Identifier", str(uuid.uuid4())),)
 
@@ -694,6 +695,14 @@ class LambdaEnvironment:
         self.registration_closed = True
         self._log(f"init failed {error_type}")
         return InitResult(False, error_type, detail)
+
+    def deliver_raw(self, data):
+        """Answer every extension's pending /event/next with these bytes, as they are: a
+        broken event, for testing how an extension handles a fault after init."""
+        with self.cv:
+            for ext in self.extensions.values():
+                ext.pending.append(bytes(data))
+            self.cv.notify_all()
 
     def invoke(self, payload=None, timeout=10.0):
         """Run one invocation; return an ``InvokeResult`` once Lambda would end it."""

@@ -448,6 +448,18 @@ def test_extension_killed_mid_invoke_is_a_crash(make_lambda, seeded, moto, tmp_p
     assert lam.crashes and lam.crashes[0][0] == NAME and lam.crashes[0][1] == -signal.SIGKILL
 
 
+def test_fatal_failure_after_init_is_reported_with_exit_error(make_lambda, seeded, moto, tmp_path):
+    # After the first /event/next, /init/error is no longer allowed: a fault there (here a
+    # broken event from the API) is reported with /exit/error, then the process ends.
+    lam = make_lambda(lambda_env(moto, tmp_path, port=free_port()))
+    assert lam.start().ok, lam.logs()
+    lam.deliver_raw(b"this is not an event")
+    assert ext_name_exit(lam) != 0
+    assert [(name, error_type) for name, error_type, _ in lam.exit_errors] == \
+        [(NAME, "Extension.Crash")], lam.logs()
+    assert lam.init_errors == []
+
+
 # ------------------------------------------------------------------ registration name
 
 
