@@ -53,6 +53,7 @@ What it never does
 Usage: python3 extension.py [NAME]    (NAME: the extension's name, for logs and /register)
 """
 
+import calendar  # free: the email package (http.server) imports it anyway
 import errno
 import hashlib
 import hmac
@@ -572,7 +573,7 @@ class CredentialProvider:
                 body = response.read()
             finally:
                 connection.close()
-        except OSError as error:
+        except (OSError, http.client.HTTPException) as error:
             raise CredentialsError(f"container credentials endpoint unreachable: {type(error).__name__}")
         if response.status != 200:
             raise CredentialsError(f"container credentials endpoint answered {response.status}")
@@ -616,20 +617,18 @@ class CredentialProvider:
 
 
 def parse_iso8601(text):
-    """Epoch seconds of 2026-11-26T16:00:00Z (fractions and offsets other than Z ignored
-    only if absent; an explicit offset is honoured)."""
-    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)?", text.strip())
+    """Epoch seconds of an ISO-8601 time such as 2026-11-26T16:00:00Z (a fraction and a
+    +hh:mm offset are honoured; no offset means UTC)."""
+    match = re.fullmatch(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)?", text.strip())
     if not match:
         raise ValueError(f"not an ISO-8601 time: {text!r}")
-    import calendar
-
-    seconds = calendar.timegm(time.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S"))
-    offset = match.group(3)
+    seconds = calendar.timegm(tuple(int(part) for part in match.groups()[:6]) + (0, 0, 0))
+    offset = match.group(8)
     if offset and offset != "Z":
         sign = -1 if offset[0] == "+" else 1
         digits = offset[1:].replace(":", "")
         seconds += sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
-    return seconds + float(match.group(2) or 0)
+    return seconds + float(match.group(7) or 0)
 
 
 # ---------------------------------------------------------------------------
@@ -943,7 +942,6 @@ class Store:
             if flight.error is not None:
                 raise flight.error
             return flight.value, flight.state
-        self.stats.add("misses")
         try:
             flight.value, flight.state = self._fetch(key, fetch, ttl, refresh)
         except BaseException as error:
@@ -959,7 +957,9 @@ class Store:
         if ttl and not refresh:
             body = self.cache.get(key)  # filled by a flight that ended while we queued
             if body is not None:
+                self.stats.add("hits")
                 return body, "hit"
+        self.stats.add("misses")
         try:
             body = fetch()
         except UpstreamError as error:

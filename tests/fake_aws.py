@@ -36,7 +36,7 @@ Where the wire shapes come from: the AWS API references of SSM ``GetParameter`` 
 Secrets Manager ``GetSecretValue`` (response syntax) and the JSON-1.1 error format
 (``{"__type": ..., "message": ...}`` with ``x-amzn-ErrorType``). Secrets Manager and
 SSM's AccessDeniedException spell the message key ``Message``; the extension must
-normalise it (CONTRACT.md: "normalised to that shape when AWS sent ... another
+normalise it (README.md: "normalised to that shape when AWS sent ... another
 casing").
 """
 

@@ -11,7 +11,7 @@ Facts copied from the specs (tests must not read ../shared):
 - issue 2: the cache is keyed by everything that changes the answer (service, name or
   id, selector / version / stage, decryption flag), with least-recently-used eviction
   at the size cap; errors are never cached.
-- CONTRACT.md: header X-Parameters-Secrets-Cache: hit | miss | stale | bypass on every
+- README.md: header X-Parameters-Secrets-Cache: hit | miss | stale | bypass on every
   200 from the two routes; refreshNow=true|false|1|0 forces a fresh read.
 """
 

@@ -1,7 +1,7 @@
 """Configuration: ``load_config(environ)`` (pure) and what the running extension says about it.
 
 Source of the rules: ../shared/spec/configuration.md (the official extension's nine
-variables, names, defaults and ranges) and CONTRACT.md (our own variables, the 3600 s
+variables, names, defaults and ranges) and README.md (our own variables, the 3600 s
 TTL ceiling, the request-token order). Rules checked here:
 
 - every variable: default when absent, valid values taken as given;
@@ -38,7 +38,7 @@ BASE = {
     "AWS_SESSION_TOKEN": TOKEN,
 }
 
-# (variable, Config field, default) - configuration.md and CONTRACT.md.
+# (variable, Config field, default) - configuration.md and README.md.
 DEFAULTS = [
     ("SSM_PARAMETER_STORE_TIMEOUT_MILLIS", "ssm_timeout_ms", 0),
     ("SECRETS_MANAGER_TIMEOUT_MILLIS", "secrets_timeout_ms", 0),
@@ -234,7 +234,7 @@ def test_empty_value_means_default(var):
 # ----------------------------------------------------------------------- out of range
 
 CLAMPED = [
-    # TTL ceiling 3600 s (CONTRACT.md; the Secrets Manager Agent's ceiling).
+    # TTL ceiling 3600 s (README.md; the Secrets Manager Agent's ceiling).
     ("SSM_PARAMETER_STORE_TTL", "3601", 3600),
     ("SSM_PARAMETER_STORE_TTL", "99999", 3600),
     ("SECRETS_MANAGER_TTL", "86400", 3600),
@@ -441,7 +441,7 @@ def test_running_extension_warns_about_a_misspelled_variable(start_extension):
     ({"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}, "credential"),
 ], ids=["no-token", "empty-token", "no-region", "no-credentials", "empty-credentials"])
 def test_refuses_to_start(start_extension_raw, overrides, word):
-    """CONTRACT.md: exit code 2 and one clear ERROR line; it never serves unauthenticated."""
+    """README.md: exit code 2 and one clear ERROR line; it never serves unauthenticated."""
     env = {"AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_TOKEN": None}
     env.update(overrides)
     ext_proc = start_extension_raw(UNREACHABLE, env=env)

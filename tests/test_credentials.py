@@ -423,8 +423,8 @@ def test_container_endpoint_refusing_gives_clear_error(moto, ssm, counting_proxy
 def _container_url(env):
     """The container credentials URL the extension would call for ``env`` (no network).
 
-    CONTRACT.md names no pure function for this; extension.py's CredentialProvider has a
-    ``container_url()`` that only builds and checks the URL, so use that when present.
+    CredentialProvider.container_url() only builds and checks the URL, so it is used
+    directly.
     """
     import extension
 
@@ -728,3 +728,26 @@ def test_default_region_fallback(moto, ssm, counting_proxy, start_extension):
     assert status == 200, body
     auth = _header(proxy.requests[0], "Authorization")
     assert "/us-east-1/ssm/aws4_request" in auth
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2026-11-26T16:00:00Z", 1795708800.0),             # the container endpoint's form
+    ("2026-11-26T16:00:00.250Z", 1795708800.25),
+    ("2026-11-26T18:00:00+02:00", 1795708800.0),        # an offset east of UTC
+    ("2026-11-26T11:30:00-0430", 1795708800.0),
+    ("2026-11-26T16:00:00", 1795708800.0),              # no offset: UTC
+])
+def test_expiration_times_are_parsed_to_epoch_seconds(text, expected):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import extension
+
+    assert extension.parse_iso8601(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "tomorrow", "2026-11-26", "2026-11-26 16:00:00Z"])
+def test_malformed_expiration_is_refused(text):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import extension
+
+    with pytest.raises(ValueError):
+        extension.parse_iso8601(text)

@@ -2,7 +2,7 @@
 
 Two layers:
 
-* pure tests of ``extension.endpoint_url(service, region, environ)`` (CONTRACT.md). The
+* pure tests of ``extension.endpoint_url(service, region, environ)`` (README.md). The
   oracle for the real AWS host names is botocore's own endpoint resolution (the
   endpoint rule sets AWS ships with every SDK): for each region x service x FIPS the test
   builds a boto3 client and compares ``client.meta.endpoint_url``. A few literal URLs
@@ -338,7 +338,7 @@ def test_global_override_with_trailing_slash(moto, ssm, counting_proxy, start_ex
 def test_unusable_override_refuses_to_start(start_extension_raw, value):
     """A malformed endpoint override is a configuration error reported at start
     (exit 2, one ERROR line naming the variable), not a failure on every request.
-    (CONTRACT.md is silent; this is the behaviour chosen, see the report.)"""
+    (the spec is silent; this is the behaviour chosen)"""
     ext = start_extension_raw(None, env={"AWS_ENDPOINT_URL_SSM": value,
                                          "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert ext.proc.returncode == 2, ext.stderr()

@@ -7,7 +7,7 @@ line (LOG_LEVEL=info), and then that the SAME server still answers a well-formed
 request with 200. No input error may ever produce a 500.
 
 Facts used: SSM parameter names are 1-2048 characters (SSM API reference,
-GetParameter ``Name``); CONTRACT.md's error types (``MalformedQuery``,
+GetParameter ``Name``); README.md's error types (``MalformedQuery``,
 ``InvalidQueryValue``, ``RepeatedQueryKey``, ``ForwardedRequestRefused``,
 ``MissingToken`` 401, ``InvalidToken`` 403, ``MethodNotAllowed`` 405 + ``Allow: GET``,
 ``TooManyConnections`` 429) and its ``PARAMETERS_SECRETS_EXTENSION_READ_TIMEOUT_MILLIS``

@@ -11,7 +11,7 @@ Facts copied from the specs (tests must not read ../shared):
   "ResultMetadata": {}), Selector ":1" / ":Dev", first of version/label wins, the
   error table (AWS status and JSON passed through; 401/403; 400 naming the key; 404;
   405 with Allow: GET; 502; 504), errors never cached, the documented urllib client.
-- CONTRACT.md: our error __types (MissingToken, InvalidToken, MissingQueryKey,
+- README.md: our error __types (MissingToken, InvalidToken, MissingQueryKey,
   InvalidQueryValue, UnknownQueryKey, RepeatedQueryKey, MalformedQuery,
   ForwardedRequestRefused, NotFound, MethodNotAllowed, UpstreamUnreachable,
   UpstreamTimeout); AWS errors normalised to {"__type", "message"}; the token is
@@ -187,7 +187,7 @@ def test_parameter_route_with_and_without_trailing_slash(api, route):
 
 @pytest.mark.parametrize("route", [SECRETS, SECRETS + "/"])
 def test_secret_route_with_and_without_trailing_slash(api, route):
-    # CONTRACT.md lists the trailing slash for the parameter route only; we expect the
+    # http-api.md lists the trailing slash for the parameter route only; we expect the
     # same leniency on the secrets route (a caller should not get 404 for a slash).
     status, headers, body = api.ext.get_json(route + q(secretId="app/db"))
     assert status == 200, body
@@ -432,7 +432,7 @@ def test_secret_by_arn(api, encoded):
 
 
 def test_secret_id_with_unencoded_plus_is_taken_literally(api):
-    # Our choice (CONTRACT.md is silent): "+" in a query value stays "+" rather than
+    # Our choice (the spec is silent): "+" in a query value stays "+" rather than
     # becoming a space. Secret names may contain "+" but never a space, and SSM names
     # allow neither, so the literal reading serves every valid name, and clients that
     # form-encode (space as "+", "+" as "%2B") still work.
@@ -787,7 +787,7 @@ def _has_ipv6_loopback():
 
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no ::1")
 def test_ipv6_loopback_also_answers(api):
-    # CONTRACT.md / http-api.md: also listen on ::1 where the host has it, so a client
+    # README.md / http-api.md: also listen on ::1 where the host has it, so a client
     # whose "localhost" resolves to ::1 first is not refused.
     import http.client
 

@@ -7,7 +7,7 @@ extension.py) exactly as Lambda does, with the extension talking to moto through
 AWS_ENDPOINT_URL. The function side is a small runtime that imports a handler built
 around AWS's documented client example (below, verbatim).
 
-Lifecycle facts (spec/lambda-extensions-api.md, CONTRACT.md "How the extension is
+Lifecycle facts (spec/lambda-extensions-api.md, README.md "How the extension is
 started"): register under the exact file name for INVOKE and SHUTDOWN, loop on
 /event/next, exit 0 before deadlineMs on SHUTDOWN (any reason, any case), report a
 failure before the first /event/next with POST /init/error and a specific

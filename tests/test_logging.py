@@ -95,7 +95,7 @@ def test_json_log_format_every_line_is_one_object(moto, ssm, secretsmanager,
     ext = start_extension(moto, name="my-json-ext", env={
         "AWS_LAMBDA_LOG_FORMAT": fmt,
         "PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug",
-        # A WARN at start: a TTL above the ceiling is clamped (CONTRACT.md).
+        # A WARN at start: a TTL above the ceiling is clamped (README.md).
         "SSM_PARAMETER_STORE_TTL": "99999",
     })
     _known_sequence(ext)
@@ -246,7 +246,7 @@ def test_summary_line_at_sigterm(moto, ssm, secretsmanager, counting_proxy,
     assert summary_lines[0].startswith("[%s] INFO summary: " % DEFAULT_NAME), summary_lines
     got = _summary(ext.stderr())
     # misses: 2 answered "miss"; the request that ended in ParameterNotFound missed
-    # the cache too: an implementation may count it as a miss or not (CONTRACT.md
+    # the cache too: an implementation may count it as a miss or not (README.md
     # does not say), every other figure is exact.
     assert got["hits"] == 3, got
     assert got["aws_calls"] == 3 == proxy.count(), got

@@ -1,7 +1,7 @@
 """PARAMETERS_SECRETS_EXTENSION_PREFETCH: values fetched right after the extension
 starts listening, so that the first request finds them cached.
 
-CONTRACT.md: whitespace- or comma-separated entries ``ssm:<name>[?query]`` or
+README.md: whitespace- or comma-separated entries ``ssm:<name>[?query]`` or
 ``secret:<id>[?query]``, query keys as in the HTTP API; a bad entry or a failed fetch is
 a WARN and never fails init. The AWS calls are counted by a CountingProxy in front of
 moto: the prefetch calls happen without any request to the extension, and the later

@@ -12,10 +12,10 @@ reached "AWS". What is checked, and where it comes from:
   whole sequence stays within the service's timeout setting.
 - One call per miss (item 2): concurrent misses for one key share one AWS call,
   whether it succeeds or fails.
-- Serve stale (item 3, CONTRACT.md ``PARAMETERS_SECRETS_EXTENSION_MAX_STALE_SECONDS``):
+- Serve stale (item 3, README.md ``PARAMETERS_SECRETS_EXTENSION_MAX_STALE_SECONDS``):
   an expired value is served (header ``X-Parameters-Secrets-Cache: stale``, a WARN)
   when a refresh fails transiently, within the bound; never after a client error.
-- ``refreshNow`` (item 4; CONTRACT.md: ``true|false|1|0``, anything else 400
+- ``refreshNow`` (item 4; README.md: ``true|false|1|0``, anything else 400
   ``InvalidQueryValue``) bypasses the cache, stores the fresh value, and is
   single-flight too.
 - ``GET /ping`` (item 5) needs no token.
@@ -35,7 +35,7 @@ from fake_aws import Do, FakeAWS
 
 CACHE_HEADER = "X-Parameters-Secrets-Cache"
 
-# What the caller sees once every attempt failed with the given fault (CONTRACT.md:
+# What the caller sees once every attempt failed with the given fault (README.md:
 # AWS errors pass through with AWS's status; 502 UpstreamUnreachable; 504
 # UpstreamTimeout).
 FINAL_STATUS = {

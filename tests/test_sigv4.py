@@ -2,7 +2,7 @@
 
 Three layers, each of which fails on its own if the signer breaks:
 
-1. Known-answer tests of the pure functions in extension.py (CONTRACT.md "SigV4"), one
+1. Known-answer tests of the pure functions in extension.py (README.md "SigV4"), one
    test per step (canonical request, string to sign, signing key + signature, the
    assembled Authorization header), so a failure names the step that broke.
 2. The same request signed by botocore's ``SigV4Auth`` at the same fixed time must give
@@ -1119,7 +1119,7 @@ def test_same_signature_as_botocore(rid, service, target, url, region, payload, 
     # Every signed header is sent with exactly the value botocore signed...
     for name in signed_names:
         assert _one(sent, name) == boto_signed[name], f"value of signed header {name}"
-    # ...and nothing else is sent unsigned (CONTRACT.md: every header given is signed).
+    # ...and nothing else is sent unsigned (README.md: every header given is signed).
     unsigned = {n.lower() for n, _ in sent} - set(signed_names) - {"authorization"}
     assert unsigned == set(), f"headers sent but not signed: {unsigned}"
     # The Host keeps a non-default port (it is what http.client will send).
