@@ -1049,17 +1049,23 @@ def _single_values(pairs, allowed):
     return values
 
 
-def _boolean(values, key, default=False):
+# withDecryption takes true / false as the official extension does; refreshNow also
+# takes 1 / 0, as the open Secrets Manager Agent's refreshNow does. Any case.
+BOOLEAN_WORDS = {
+    "withDecryption": {"true": True, "false": False},
+    "refreshNow": {"true": True, "false": False, "1": True, "0": False},
+}
+
+
+def _boolean(values, key):
     value = values.get(key)
     if value is None:
-        return default
-    lowered = value.lower()
-    if lowered in ("true", "1") and key == "refreshNow" or lowered == "true":
-        return True
-    if lowered in ("false", "0") and key == "refreshNow" or lowered == "false":
         return False
-    accepted = "true, false, 1 or 0" if key == "refreshNow" else "true or false"
-    raise ClientError(400, "InvalidQueryValue", f"{key} must be {accepted} (any case)")
+    words = BOOLEAN_WORDS[key]
+    try:
+        return words[value.lower()]
+    except KeyError:
+        raise ClientError(400, "InvalidQueryValue", f"{key} must be {' or '.join(words)} (any case)")
 
 
 def _identifier(values, key, what):
