@@ -127,31 +127,31 @@ def make_store(max_items=10, max_stale=300):
     return store, clock, stats, log
 
 
+def counting_fetch(value):
+    """A fetch that returns value and counts its calls in fetch.calls."""
+    def fetch():
+        fetch.calls += 1
+        return value
+
+    fetch.calls = 0
+    return fetch
+
+
 def test_hit_after_miss_makes_one_call():
     store, _, stats, _ = make_store()
-    calls = []
-
-    def fetch():
-        calls.append(1)
-        return b"value"
-
+    fetch = counting_fetch(b"value")
     assert store.get(KEY, fetch, ttl=300) == (b"value", "miss")
     assert store.get(KEY, fetch, ttl=300) == (b"value", "hit")
-    assert len(calls) == 1
+    assert fetch.calls == 1
     assert stats.snapshot()["hits"] == 1 and stats.snapshot()["misses"] == 1
 
 
 def test_ttl_zero_bypasses_the_cache():
     store, _, _, _ = make_store()
-    calls = []
-
-    def fetch():
-        calls.append(1)
-        return b"value"
-
+    fetch = counting_fetch(b"value")
     assert store.get(KEY, fetch, ttl=0) == (b"value", "bypass")
     assert store.get(KEY, fetch, ttl=0) == (b"value", "bypass")
-    assert len(calls) == 2
+    assert fetch.calls == 2
     assert len(store.cache) == 0
 
 
