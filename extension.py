@@ -814,9 +814,9 @@ def aws_error(status, data):
             message = str(parsed.get("message") or parsed.get("Message") or "")
     except ValueError:
         code = re.search(r"<Code>([^<]*)</Code>", text)
-        found = re.search(r"<Message>([^<]*)</Message>", text)
+        found = re.search(r"<Message>(?:<!\[CDATA\[(.*?)\]\]>|([^<]*))</Message>", text, re.DOTALL)
         error_type = code.group(1) if code else error_type
-        message = found.group(1) if found else ""
+        message = (found.group(1) or found.group(2) or "") if found else ""
     error_type = error_type.rsplit("#", 1)[-1].split(":", 1)[0]  # com.amazonaws.ssm#ParameterNotFound
     return AwsError(status, error_type, message[:1024])
 

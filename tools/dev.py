@@ -31,7 +31,8 @@ def venv_python():
     """The venv's interpreter, creating or refreshing the venv when the pins changed."""
     python = VENV / "bin" / "python"
     stamp = VENV / ".requirements.sha256"
-    wanted = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
+    # Rebuilt when the pins change or another Python runs this file.
+    wanted = hashlib.sha256(REQUIREMENTS.read_bytes() + sys.version.encode()).hexdigest()
     if python.exists() and stamp.exists() and stamp.read_text() == wanted:
         return python
     if sys.version_info < (3, 9):
