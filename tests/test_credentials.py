@@ -128,6 +128,15 @@ def creds_endpoint():
         endpoint.close()
 
 
+def start_on_container_credentials(start_extension, aws_url, endpoint, token="tok", **env):
+    """The extension with no keys in its environment and its credentials from endpoint,
+    authorised with AWS_CONTAINER_AUTHORIZATION_TOKEN=token (None: unset), which is
+    also the request token callers send unless env sets another."""
+    return start_extension(aws_url, env=dict(
+        NO_CREDENTIALS, AWS_CONTAINER_CREDENTIALS_FULL_URI=endpoint.url,
+        AWS_CONTAINER_AUTHORIZATION_TOKEN=token, **env))
+
+
 def container_creds(key_id, expires_in=datetime.timedelta(hours=6)):
     return {
         "AccessKeyId": key_id,
@@ -185,11 +194,8 @@ def test_container_credentials_full_uri_with_token(moto, ssm, counting_proxy,
     creds = container_creds("ASIACONTAINER1")
     endpoint = creds_endpoint("container-auth-token-1", [creds])
     proxy = counting_proxy(moto)
-    ext = start_extension(proxy.url, env=dict(
-        NO_CREDENTIALS,
-        AWS_CONTAINER_CREDENTIALS_FULL_URI=endpoint.url,
-        AWS_CONTAINER_AUTHORIZATION_TOKEN="container-auth-token-1",
-    ))
+    ext = start_on_container_credentials(start_extension, proxy.url, endpoint,
+                                         token="container-auth-token-1")
     status, headers, body = get_param(ext, "p0", token="container-auth-token-1")
     assert status == 200, body
     assert body["Parameter"]["Value"] == "value-0"
@@ -239,10 +245,7 @@ def test_container_credentials_refreshed_before_expiration(
     later = container_creds("ASIALATER")
     endpoint = creds_endpoint("tok", [soon, later])
     proxy = counting_proxy(moto)
-    ext = start_extension(proxy.url, env=dict(
-        NO_CREDENTIALS, AWS_CONTAINER_CREDENTIALS_FULL_URI=endpoint.url,
-        AWS_CONTAINER_AUTHORIZATION_TOKEN="tok",
-    ))
+    ext = start_on_container_credentials(start_extension, proxy.url, endpoint)
     for i in range(3):
         status, _, body = get_param(ext, "p%d" % i)
         assert status == 200, body
@@ -265,13 +268,11 @@ def test_container_credentials_with_token_file(moto, ssm, counting_proxy, creds_
     later = container_creds("ASIAFILE2")
     endpoint = creds_endpoint("file-token-1", [soon, later])
     proxy = counting_proxy(moto)
-    ext = start_extension(proxy.url, env=dict(
-        NO_CREDENTIALS,
-        AWS_CONTAINER_CREDENTIALS_FULL_URI=endpoint.url,
+    ext = start_on_container_credentials(
+        start_extension, proxy.url, endpoint, token=None,
         AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=str(token_file),
         # No AWS_SESSION_TOKEN / AWS_CONTAINER_AUTHORIZATION_TOKEN: the request token.
-        AWS_TOKEN="request-token-for-file-test",
-    ))
+        AWS_TOKEN="request-token-for-file-test")
     status, _, body = get_param(ext, "p0", token="request-token-for-file-test")
     assert status == 200, body
     assert endpoint.calls[0] == "file-token-1"
@@ -336,10 +337,8 @@ def test_concurrent_requests_fetch_credentials_once(moto, ssm, counting_proxy,
     seed_params(ssm, 8)
     endpoint = creds_endpoint("tok", [container_creds("ASIACONCURRENT")])
     proxy = counting_proxy(moto)
-    ext = start_extension(proxy.url, env=dict(
-        NO_CREDENTIALS, AWS_CONTAINER_CREDENTIALS_FULL_URI=endpoint.url,
-        AWS_CONTAINER_AUTHORIZATION_TOKEN="tok",
-        PARAMETERS_SECRETS_EXTENSION_MAX_CONNECTIONS="8"))
+    ext = start_on_container_credentials(start_extension, proxy.url, endpoint,
+                                         PARAMETERS_SECRETS_EXTENSION_MAX_CONNECTIONS="8")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: get_param(ext, "p%d" % i), range(8)))
     assert [status for status, _, _ in results] == [200] * 8, results
@@ -355,9 +354,7 @@ def test_failed_refresh_keeps_valid_credentials(moto, ssm, counting_proxy, creds
     soon = container_creds("ASIASTILLVALID", expires_in=datetime.timedelta(seconds=90))
     endpoint = creds_endpoint("tok", [soon, (500, b'{"message": "internal"}')])
     proxy = counting_proxy(moto)
-    ext = start_extension(proxy.url, env=dict(
-        NO_CREDENTIALS, AWS_CONTAINER_CREDENTIALS_FULL_URI=endpoint.url,
-        AWS_CONTAINER_AUTHORIZATION_TOKEN="tok"))
+    ext = start_on_container_credentials(start_extension, proxy.url, endpoint)
     status, _, body = get_param(ext, "p0")
     assert status == 200, body
     status, _, body = get_param(ext, "p1")
@@ -378,9 +375,7 @@ def test_broken_container_endpoint_gives_clear_error(moto, ssm, counting_proxy,
     seed_params(ssm, 1)
     endpoint = creds_endpoint("tok", [answer])
     proxy = counting_proxy(moto)
-    ext = start_extension(proxy.url, env=dict(
-        NO_CREDENTIALS, AWS_CONTAINER_CREDENTIALS_FULL_URI=endpoint.url,
-        AWS_CONTAINER_AUTHORIZATION_TOKEN="tok"))
+    ext = start_on_container_credentials(start_extension, proxy.url, endpoint)
     status, _, body = ext.get("/systemsmanager/parameters/get?name=p0")
     assert status >= 500, body
     parsed = json.loads(body)
@@ -402,10 +397,8 @@ def test_container_endpoint_refusing_gives_clear_error(moto, ssm, counting_proxy
     seed_params(ssm, 1)
     endpoint = creds_endpoint("the-right-token", [container_creds("ASIANEVER")])
     proxy = counting_proxy(moto)
-    ext = start_extension(proxy.url, env=dict(
-        NO_CREDENTIALS, AWS_CONTAINER_CREDENTIALS_FULL_URI=endpoint.url,
-        AWS_CONTAINER_AUTHORIZATION_TOKEN="a-wrong-container-token",
-    ))
+    ext = start_on_container_credentials(start_extension, proxy.url, endpoint,
+                                         token="a-wrong-container-token")
     status, _, body = ext.get("/systemsmanager/parameters/get?name=p0")
     # Not the caller's fault (its token was right): a 5xx, like an unreachable AWS.
     assert status >= 500, body
@@ -678,9 +671,7 @@ def test_container_credentials_authenticated(moto, ssm, counting_proxy, creds_en
     endpoint = creds_endpoint("tok", [creds])
     moto_set_auth(moto, True)
     proxy = counting_proxy(moto)
-    ext = start_extension(proxy.url, env=dict(
-        NO_CREDENTIALS, AWS_CONTAINER_CREDENTIALS_FULL_URI=endpoint.url,
-        AWS_CONTAINER_AUTHORIZATION_TOKEN="tok"))
+    ext = start_on_container_credentials(start_extension, proxy.url, endpoint)
     status, _, body = get_param(ext, "p0")
     assert status == 200, body
     assert body["Parameter"]["Value"] == "value-0"
