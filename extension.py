@@ -6,7 +6,7 @@ What it does
     APIs, exactly where the AWS extension serves them, so that function code written for
     the AWS layer works unchanged. Python 3.9+, standard library only, no SDK.
 
-Routes (loopback only: 127.0.0.1, and ::1 where the host has it)
+Routes (loopback only: 127.0.0.1, and ::1 where the host has it; docs/http-api.md)
     GET /systemsmanager/parameters/get[/]?name=&version=|label=&withDecryption=&refreshNow=
     GET /secretsmanager/get[/]?secretId=&versionId=&versionStage=&refreshNow=
     GET /ping                                            200, no token needed (health check)
@@ -15,8 +15,10 @@ Routes (loopback only: 127.0.0.1, and ::1 where the host has it)
     header X-Parameters-Secrets-Cache: hit | miss | stale | bypass.
     Errors: {"__type": ..., "message": ...}; AWS's own errors keep AWS's status.
 
-Environment (read once at start into the frozen Config; nothing reads os.environ afterwards)
-    SSM_PARAMETER_STORE_TIMEOUT_MILLIS            0     Parameter Store budget per request (0 = none)
+Environment (read once at start into the frozen Config; nothing reads os.environ afterwards;
+docs/configuration.md)
+    SSM_PARAMETER_STORE_TIMEOUT_MILLIS            0     Parameter Store budget per request (0 = none:
+                                                        each attempt then ends after 10 s)
     SECRETS_MANAGER_TIMEOUT_MILLIS                0     Secrets Manager budget per request (0 = none)
     SSM_PARAMETER_STORE_TTL                       300   seconds a parameter is cached (0 = bypass; max 3600)
     SECRETS_MANAGER_TTL                           300   seconds a secret is cached (0 = bypass; max 3600)
@@ -27,10 +29,11 @@ Environment (read once at start into the frozen Config; nothing reads os.environ
     PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL        info  debug | info | warn | error | none
     PARAMETERS_SECRETS_EXTENSION_MAX_STALE_SECONDS 300  how long past expiry a value may be served
                                                         when AWS fails transiently (0 = never)
-    PARAMETERS_SECRETS_EXTENSION_MAX_CLIENTS      64    most inbound connections at once (then 429)
-    PARAMETERS_SECRETS_EXTENSION_READ_TIMEOUT_MILLIS 10000  a connection silent this long is
-                                                        closed; one dribbling a request, at
-                                                        twice this at the latest
+    PARAMETERS_SECRETS_EXTENSION_MAX_CLIENTS      64    most inbound connections at once; over it
+                                                        the one idle longest is closed, else 429
+    PARAMETERS_SECRETS_EXTENSION_READ_TIMEOUT_MILLIS 10000  a request that has begun must arrive
+                                                        within this (silence) or twice this
+                                                        (dripping); idle connections are kept
     PARAMETERS_SECRETS_EXTENSION_PREFETCH         ""    "ssm:<name>[?query] secret:<id>[?query] ..."
                                                         fetched in the background at start
     PARAMETERS_SECRETS_EXTENSION_METRICS          none  emf: also print the shutdown figures as one
@@ -41,40 +44,199 @@ Environment (read once at start into the frozen Config; nothing reads os.environ
     AWS_SHARED_CREDENTIALS_FILE, AWS_CONFIG_FILE; AWS_ENDPOINT_URL_SSM,
     AWS_ENDPOINT_URL_SECRETS_MANAGER, AWS_ENDPOINT_URL; AWS_USE_FIPS_ENDPOINT;
     AWS_LAMBDA_LOG_FORMAT (JSON: one JSON object per log line); AWS_LAMBDA_RUNTIME_API
-    (set by Lambda: run the Extensions API lifecycle); AWS_TOKEN (the request token for
-    runs outside Lambda, before AWS_SESSION_TOKEN and AWS_CONTAINER_AUTHORIZATION_TOKEN).
-    The launcher (bootstrap) reads PARAMETERS_SECRETS_EXTENSION_PYTHON.
+    (set by Lambda: run the Extensions API lifecycle); AWS_LAMBDA_INITIALIZATION_TYPE
+    (snap-start: the cache is dropped at the first event after INIT); AWS_TOKEN (the
+    request token for runs outside Lambda, before AWS_SESSION_TOKEN and
+    AWS_CONTAINER_AUTHORIZATION_TOKEN). The launcher (bootstrap) reads
+    PARAMETERS_SECRETS_EXTENSION_PYTHON.
 
 What it never does
-    Listen beyond loopback; serve a request without the right token; log or echo a secret
-    value, a parameter value or a token, at any level; cache an error; skip TLS
-    verification; send the session token with credentials it does not belong to.
+    Listen beyond loopback (and its answers carry IP TTL 1); serve a request without the
+    right token; log or echo a secret value, a parameter value or a token, at any level;
+    cache an error; skip TLS verification; send the session token with credentials it does
+    not belong to; wait without a deadline or read without a cap, but for Lambda's own
+    /event/next, which blocks until Lambda has an event by design.
+
+Layout (each section needs only the ones above it)
+    Errors          every failure, and the one place it becomes an HTTP answer
+    Configuration   the environment, read once into Config
+    Logging         one line per event, control characters escaped, never a value
+    SigV4           pure functions, one per step of AWS's signing process
+    HTTP exchange   one outbound request and answer under a deadline and a size cap
+    Credentials     environment, container endpoint, shared files
+    AWS client      JSON 1.1 calls, connection pool, retries inside the budget
+    AWS answers     shape checks, and the official extension's answer shapes
+    Cache           TTL + LRU on two clocks, one AWS call per miss, stale answers
+    Requests        query parsing, and Service: what a request means and its answer
+    HTTP server     the transport: sockets, request heads, keep-alive, admission
+    Lambda lifecycle  the Extensions API
+    main
 
 Usage: python3 extension.py [NAME]    (NAME: the extension's name, for logs and /register)
 """
 
-import calendar  # free: the email package (http.server) imports it anyway
+import calendar  # cheap, and parse_iso8601 needs timegm
 import errno
 import hashlib
 import hmac
+import http  # HTTPStatus only: the package itself is small (http.server is not imported)
 import http.client
-import http.server
 import io
 import json
 import os
 import re
+import select
+import selectors
 import signal
 import socket
 import ssl  # free: http.client imports it anyway
 import sys
 import threading
 import time
+import _thread
 from collections import OrderedDict, namedtuple
 from datetime import datetime, timezone
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 DEFAULT_NAME = "parameters-secrets-extension"
 
+
+# ---------------------------------------------------------------------------
+# Errors: every failure that has an answer, and where it becomes one
+# ---------------------------------------------------------------------------
+
+class HttpError(Exception):
+    """A failure with its own HTTP answer: status, error type, and a message for the caller
+    that never holds a value or a token. str(error) may say more, for the log."""
+
+    def __init__(self, status, error_type, message, detail=None):
+        super().__init__(detail or message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+class ClientError(HttpError):
+    """A request we refuse (4xx): the caller can fix it."""
+
+
+class UnknownQueryKey(ClientError):
+    """A query key no route knows. It keeps the key so that Service can hide it when it
+    looks like the request token (docs/http-api.md, "Errors")."""
+
+    def __init__(self, key, message):
+        super().__init__(400, "UnknownQueryKey", message)
+        self.key = key
+
+
+class UpstreamError(HttpError):
+    """A failed AWS call. transient: a stale value may answer instead; retryable: another
+    attempt may succeed (the SDKs' standard retry mode)."""
+
+    transient = False
+    retryable = False
+
+
+# The AWS SDKs' throttling error codes (standard retry mode).
+THROTTLING_ERRORS = frozenset((
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "TransactionInProgressException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled",
+    "SlowDown", "PriorRequestNotComplete", "EC2ThrottledException",
+))
+
+
+class AwsError(UpstreamError):
+    """AWS answered with an error: passed to the caller with AWS's status and type."""
+
+    def __init__(self, status, error_type, message):
+        super().__init__(status, error_type, message, f"{error_type} ({status})")
+        self.transient = self.retryable = status >= 500 or status == 429 or error_type in THROTTLING_ERRORS
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No answer could be had: connection refused, reset, closed mid-body, bad TLS."""
+
+    transient = retryable = True
+
+    def __init__(self, detail):
+        super().__init__(502, "UpstreamUnreachable", "AWS could not be reached", detail)
+
+
+class UpstreamTimeout(UpstreamError):
+    """No answer within the request's budget (or, without one, the fixed attempt limit)."""
+
+    transient = retryable = True
+
+    def __init__(self, detail):
+        super().__init__(504, "UpstreamTimeout", "AWS did not answer in time", detail)
+
+
+class UpstreamInvalidResponse(UpstreamError):
+    """An answer that is not what the API defines: a wrong shape, another name than the one
+    asked, an interim or unexpected status, or more than MAX_ANSWER_BYTES. Never cached."""
+
+    transient = retryable = True
+
+    def __init__(self, detail):
+        super().__init__(502, "UpstreamInvalidResponse", "AWS sent an answer this extension cannot use", detail)
+
+
+class CredentialsUnavailable(UpstreamError):
+    """The credentials could not be had (the container endpoint failed). Not retried: the
+    provider already gave it its time; a stale value may answer."""
+
+    transient = True
+
+    def __init__(self, detail):
+        super().__init__(502, "CredentialsUnavailable", "no AWS credentials could be had; see the extension's log",
+                         detail)
+
+
+class ConnectionsBusy(UpstreamError):
+    """Every outbound connection stayed busy for the whole budget. Not an upstream timeout,
+    so not retried (docs/http-api.md); a stale value may answer."""
+
+    transient = True
+
+    def __init__(self, detail):
+        super().__init__(503, "ConnectionsBusy", "every connection to AWS is busy; retry", detail)
+
+
+class CredentialsError(Exception):
+    """No usable credentials source (found at start, or a fetch that failed). The message
+    names what was looked for, never a key."""
+
+
+class PortInUse(Exception):
+    """The port is taken on one of the loopback addresses."""
+
+
+class ExtensionsApiError(Exception):
+    """The Extensions API refused a call (403 with errorType) or could not be reached."""
+
+
+class Fatal(Exception):
+    """A start-up failure, with the Lambda error type that names its cause."""
+
+    def __init__(self, error_type, message):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class Stop(Exception):
+    """Raised in the main thread by SIGTERM / SIGINT."""
+
+
+def error_answer(error):
+    """The one place where a failure becomes an HTTP answer: (status, headers, body).
+    Bodies never hold a value or a token; anything unforeseen is a 500 with no detail."""
+    if isinstance(error, HttpError):
+        status, error_type, message = error.status, error.error_type, error.message
+    else:
+        status, error_type, message = 500, "InternalError", "the extension failed; see its log"
+    headers = (("Allow", "GET"),) if status == 405 else ()
+    return status, headers, json.dumps({"__type": error_type, "message": message}).encode("utf-8")
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -121,7 +283,7 @@ SDK_VARIABLES = (
     "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
     "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
     "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
-    "AWS_LAMBDA_LOG_FORMAT", "AWS_LAMBDA_RUNTIME_API",
+    "AWS_LAMBDA_LOG_FORMAT", "AWS_LAMBDA_RUNTIME_API", "AWS_LAMBDA_INITIALIZATION_TYPE",
 )
 OUR_VARIABLES = tuple(row[0] for row in INTEGER_SETTINGS + CHOICE_SETTINGS) + (
     "PARAMETERS_SECRETS_EXTENSION_PREFETCH",
@@ -140,7 +302,7 @@ CONFIG_FIELDS = (
     ("log_level", "info"), ("max_stale_seconds", 300), ("max_clients", 64), ("read_timeout_ms", 10000),
     ("prefetch", ()), ("metrics", "none"), ("log_format", "text"),
     ("region", None), ("ssm_endpoint", None), ("secrets_endpoint", None), ("endpoint_error", None),
-    ("lambda_runtime_api", None), ("home", None),
+    ("lambda_runtime_api", None), ("initialization_type", None), ("home", None),
     ("request_token", None), ("access_key_id", None), ("secret_access_key", None), ("session_token", None),
     ("container_full_uri", None), ("container_relative_uri", None), ("container_token", None),
     ("container_token_file", None), ("profile", "default"), ("shared_credentials_file", None),
@@ -235,6 +397,7 @@ def load_config(environ):
     values["shared_credentials_file"] = _present(environ, "AWS_SHARED_CREDENTIALS_FILE")
     values["config_file"] = _present(environ, "AWS_CONFIG_FILE")
     values["lambda_runtime_api"] = _present(environ, "AWS_LAMBDA_RUNTIME_API")
+    values["initialization_type"] = _present(environ, "AWS_LAMBDA_INITIALIZATION_TYPE")
 
     messages.extend(("warn", text) for text in near_miss_warnings(environ))
     return Config(**values), messages
@@ -266,6 +429,11 @@ def near_miss_warnings(environ):
     return warnings
 
 
+def _without_userinfo(url):
+    """url with any user:password@ part replaced by ***@, for messages."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#@]*@", lambda m: (m.group(1) or "") + "***@", url)
+
+
 # Where each partition keeps its endpoints (checked against botocore's endpoint rules).
 PARTITION_SUFFIXES = (
     ("cn-", "amazonaws.com.cn"),
@@ -285,7 +453,11 @@ def endpoint_url(service, region, environ):
         if override:
             parts = urlsplit(override)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"{variable}={override!r} is not an http(s) URL with a host")
+                raise ValueError(f"{variable}={_without_userinfo(override)!r} is not an http(s) URL with a host")
+            if "@" in parts.netloc:
+                # It would go out in the Host header, and the message must not print it.
+                raise ValueError(f"{variable}={_without_userinfo(override)!r} holds a user or password: "
+                                 "AWS endpoints take none")
             return override.rstrip("/")
     if not re.fullmatch(r"[a-z0-9-]+", region):
         raise ValueError(f"region {region!r} is not a region name")
@@ -347,6 +519,20 @@ class Logger:
 
     def error(self, message):
         self.log("error", message)
+
+
+# C0 and C1 control characters and DEL: a raw ESC or CSI from a request would reach the
+# terminal or log viewer of whoever reads the log (docs/pitfalls.md).
+LOG_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(text, limit=200):
+    """text for a log line: control characters escaped as \\xNN, cut at limit characters.
+    Only for names, ids, paths and keys: values and tokens never reach a log line at all."""
+    text = str(text)
+    cut = len(text) > limit
+    text = LOG_UNSAFE.sub(lambda match: "\\x%02x" % ord(match.group()), text[:limit])
+    return text + "\u2026" if cut else text
 
 
 def iso8601(epoch_seconds):
@@ -467,16 +653,145 @@ def sign_request(method, url, headers, body, credentials, region, service, now):
 
 
 # ---------------------------------------------------------------------------
-# Credentials
+# HTTP exchange: one outbound request and its answer, under one deadline and a size cap
 # ---------------------------------------------------------------------------
 
-class CredentialsError(Exception):
-    """No usable credentials. The message names what was looked for."""
+# AWS answers are small: a parameter value is at most 8 KB, a secret 64 KB; with the
+# metadata well under 100 KB. Anything over this is refused unread (docs/pitfalls.md).
+MAX_ANSWER_BYTES = 1024 * 1024
 
+
+class _DeadlineIO(io.RawIOBase):
+    """Raw reads of an answer that all end by one deadline (monotonic seconds).
+
+    http.client applies its timeout per socket operation, so a peer sending 10 bytes a
+    second never trips it (docs/pitfalls.md); here every read gets only what is left."""
+
+    def __init__(self, sock, deadline):
+        super().__init__()
+        self._sock = sock
+        # Through makefile, which counts a reference: http.client closes its side of a
+        # connection that will close as soon as the headers are read, and the socket must
+        # stay open until the body is.
+        self._raw = sock.makefile("rb", buffering=0)
+        self.deadline = deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the answer did not arrive in time")
+        self._sock.settimeout(remaining)
+        return self._raw.readinto(buffer)
+
+    def close(self):
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """What http.client.HTTPResponse needs of a socket (makefile), reading by a deadline."""
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.deadline = deadline
+
+    def makefile(self, mode):
+        return io.BufferedReader(_DeadlineIO(self.sock, self.deadline))
+
+
+class _DeadlineMixin:
+    """Makes an http.client connection read each answer by self.deadline."""
+
+    deadline = None
+
+    def response_class(self, sock, method=None):  # called by getresponse() as the class is
+        return http.client.HTTPResponse(_DeadlineSocket(sock, self.deadline), method=method)
+
+
+class _Connection(_DeadlineMixin, http.client.HTTPConnection):
+    pass
+
+
+class _TLSConnection(_DeadlineMixin, http.client.HTTPSConnection):
+    pass
+
+
+def open_connection(parts, deadline):
+    """A connected http(s) connection to urlsplit parts, within the deadline. TLS
+    certificates and host names are verified (ssl.create_default_context)."""
+    timeout = deadline - time.monotonic()
+    if timeout <= 0:
+        raise socket.timeout("no time left to connect")
+    if parts.scheme == "https":
+        connection = _TLSConnection(parts.hostname, parts.port, timeout=timeout,
+                                    context=ssl.create_default_context())
+    else:
+        connection = _Connection(parts.hostname, parts.port, timeout=timeout)
+    connection.connect()
+    if connection.sock is not None:  # small requests and answers: no Nagle delay
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return connection
+
+
+def exchange(connection, method, target, headers, body, deadline, cap=MAX_ANSWER_BYTES):
+    """Send one request on connection and read its whole answer by the deadline.
+
+    Returns (status, data, reusable). reusable is true only after one complete final
+    answer that does not ask to close: an interim 1xx, a cut body or an answer over cap
+    leave the connection unusable, because the next request would read what is left of
+    this one (docs/pitfalls.md). Raises socket.timeout, OSError, http.client.HTTPException,
+    or UpstreamInvalidResponse for an answer over cap (not read past cap + 1 bytes)."""
+    connection.deadline = deadline
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("no time left to send")
+    connection.sock.settimeout(remaining)
+    connection.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+    for name, value in headers:
+        connection.putheader(name, value)
+    if body is not None:
+        connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders(body)
+    response = connection.getresponse()
+    if response.length is not None and response.length > cap:
+        raise UpstreamInvalidResponse(f"an answer of {response.length} bytes (at most {cap} are read)")
+    data = response.read(cap + 1)
+    if len(data) > cap:
+        raise UpstreamInvalidResponse(f"an answer over {cap} bytes")
+    reusable = response.status >= 200 and response.isclosed() and not response.will_close
+    return response.status, data, reusable
+
+
+def has_leftover(connection):
+    """True when an idle connection has bytes (or an EOF) waiting: it is not in step with
+    its peer any more, or the peer closed it. No wait: a zero-timeout select."""
+    sock = connection.sock
+    if sock is None:
+        return True
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+# ---------------------------------------------------------------------------
+# Credentials
+# ---------------------------------------------------------------------------
 
 # Refresh temporary credentials this long before they expire, so that a request signed
 # just before expiry is not refused on arrival.
 REFRESH_WINDOW_SECONDS = 300
+# One fetch from the container credentials endpoint (connect, headers, body) ends within
+# this, and never later than the deadline of the request that waits for it. The endpoint
+# is local to the host: it answers in milliseconds or not at all.
+CREDENTIALS_FETCH_SECONDS = 2.0
+MAX_CREDENTIALS_BYTES = 64 * 1024
 CONTAINER_HOST = "169.254.170.2"
 # Hosts that may receive the container authorization token over plain http, as the
 # SDKs allow: loopback, and the ECS / EKS credential addresses. Any host over https.
@@ -488,29 +803,35 @@ PROFILE_NEEDS_SDK = ("role_arn", "sso_session", "sso_start_url", "sso_account_id
 
 class CredentialProvider:
     """Credentials in the SDKs' order: environment keys, then container credentials
-    (Lambda SnapStart, ECS), then static keys of the shared credentials file. Container
-    credentials are fetched when first needed and refreshed before they expire."""
+    (Lambda SnapStart, ECS), then static keys of the shared credentials file.
 
-    def __init__(self, config, log, clock=time.time):
+    Container credentials are fetched when first needed and refreshed before they
+    expire. Expiry is judged on the wall clock (wall), which a snapshot restore sets
+    right; deadlines on the monotonic clock (clock), like every deadline here. Lock rule:
+    self._lock serialises refreshes and is held during the local HTTP call; it is waited
+    for only until the caller's own deadline."""
+
+    def __init__(self, config, log, wall=time.time, clock=time.monotonic):
         self.config = config
         self.log = log
+        self.wall = wall
         self.clock = clock
-        self.lock = threading.Lock()  # serialises refreshes; held during the local HTTP call
-        self.current = None
         self.source = None
+        self._current = None
+        self._lock = threading.Lock()
 
     def resolve(self):
         """Choose the source at start (no network). Raises CredentialsError."""
         c = self.config
         if c.access_key_id and c.secret_access_key:
             self.source = "environment"
-            self.current = Credentials(c.access_key_id, c.secret_access_key, c.session_token)
+            self._current = Credentials(c.access_key_id, c.secret_access_key, c.session_token)
         elif c.container_full_uri or c.container_relative_uri:
             self.source = "container"
             self.container_url()  # validates the URL now rather than at the first request
         else:
-            self.current = self._from_shared_files()
-            if self.current is None:
+            self._current = self._from_shared_files()
+            if self._current is None:
                 raise CredentialsError(
                     "no AWS credentials: looked for AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                     "AWS_CONTAINER_CREDENTIALS_FULL_URI / _RELATIVE_URI, and profile "
@@ -519,30 +840,53 @@ class CredentialProvider:
         self.log.debug(f"credentials from the {self.source}")
         return self.source
 
-    def get(self):
-        """Current credentials; container credentials refreshed when near expiry."""
-        current = self.current
-        if current is not None and (current.expiration is None
-                                    or current.expiration - self.clock() > REFRESH_WINDOW_SECONDS):
+    def _fresh(self, credentials):
+        return credentials is not None and (credentials.expiration is None
+                                            or credentials.expiration - self.wall() > REFRESH_WINDOW_SECONDS)
+
+    def get(self, deadline=None):
+        """Current credentials; container credentials fetched when near expiry. deadline:
+        the caller's (monotonic), or None. Raises UpstreamTimeout when the caller's deadline
+        ran out first, CredentialsUnavailable when the endpoint failed."""
+        current = self._current
+        if self._fresh(current):
             return current
-        with self.lock:
-            current = self.current
-            if current is not None and (current.expiration is None
-                                        or current.expiration - self.clock() > REFRESH_WINDOW_SECONDS):
+        wait = CREDENTIALS_FETCH_SECONDS if deadline is None else deadline - self.clock()
+        if wait <= 0 or not self._lock.acquire(timeout=wait):
+            raise UpstreamTimeout("waiting for credentials")
+        try:
+            current = self._current
+            if self._fresh(current):
                 return current  # another thread refreshed while we waited
+            fetch_deadline = self.clock() + CREDENTIALS_FETCH_SECONDS
+            bound_by_caller = deadline is not None and deadline < fetch_deadline
             try:
-                self.current = self._from_container()
+                self._current = self._from_container(deadline if bound_by_caller else fetch_deadline)
             except CredentialsError as error:
-                if current is not None and current.expiration > self.clock():
+                if current is not None and current.expiration > self.wall():
                     self.log.warn(f"refreshing container credentials failed ({error}); "
                                   "using the current ones until they expire")
                     return current
-                raise
-            return self.current
+                if bound_by_caller and self.clock() >= deadline:
+                    raise UpstreamTimeout(f"credentials: {error}")
+                raise CredentialsUnavailable(f"credentials: {error}")
+            return self._current
+        finally:
+            self._lock.release()
+
+    def forget(self):
+        """Drop fetched credentials (after a snapshot restore): fetched again when needed.
+        Keys from the environment or a file are not fetched, so they stay."""
+        if self.source == "container":
+            self._current = None
 
     def container_url(self):
         c = self.config
         if c.container_relative_uri:  # the SDKs look at the relative URI first
+            # Without a leading "/", "@127.0.0.1:PORT/x" would make another host of it,
+            # and the authorization token would go there.
+            if not c.container_relative_uri.startswith("/"):
+                raise CredentialsError("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI must start with '/'")
             return f"http://{CONTAINER_HOST}{c.container_relative_uri}"
         parts = urlsplit(c.container_full_uri)
         if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in CONTAINER_HTTP_HOSTS):
@@ -550,10 +894,10 @@ class CredentialProvider:
         raise CredentialsError(f"AWS_CONTAINER_CREDENTIALS_FULL_URI host {parts.hostname!r} is not allowed: "
                                "use https, loopback or the container credentials address")
 
-    def _from_container(self):
+    def _from_container(self, deadline):
         c = self.config
         url = self.container_url()
-        headers = {"Accept": "application/json"}
+        headers = [("Host", urlsplit(url).netloc), ("Accept", "application/json")]
         token = c.container_token
         if c.container_token_file:
             try:  # read on every refresh: the platform may rotate the file
@@ -562,28 +906,36 @@ class CredentialProvider:
             except OSError as error:
                 raise CredentialsError(f"cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: {error.strerror}")
         if token:
-            headers["Authorization"] = token
+            headers.append(("Authorization", token))
         parts = urlsplit(url)
-        target = parts.path + ("?" + parts.query if parts.query else "")
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        connection = None
         try:
-            connection = _new_connection(parts, timeout=2.0)
-            try:
-                connection.request("GET", target or "/", headers=headers)
-                response = connection.getresponse()
-                body = response.read()
-            finally:
-                connection.close()
+            connection = open_connection(parts, deadline)
+            status, body, _ = exchange(connection, "GET", target, headers, None, deadline, MAX_CREDENTIALS_BYTES)
+        except socket.timeout:
+            raise CredentialsError("container credentials endpoint did not answer in time")
+        except UpstreamInvalidResponse:
+            raise CredentialsError("container credentials endpoint answered more than "
+                                   f"{MAX_CREDENTIALS_BYTES} bytes")
         except (OSError, http.client.HTTPException) as error:
             raise CredentialsError(f"container credentials endpoint unreachable: {type(error).__name__}")
-        if response.status != 200:
-            raise CredentialsError(f"container credentials endpoint answered {response.status}")
+        finally:
+            if connection is not None:
+                connection.close()
+        if status != 200:
+            raise CredentialsError(f"container credentials endpoint answered {status}")
         try:
             data = json.loads(body)
             expiration = data.get("Expiration")
-            return Credentials(data["AccessKeyId"], data["SecretAccessKey"], data.get("Token"),
-                               parse_iso8601(expiration) if expiration else None)
-        except (ValueError, KeyError, TypeError):
+            credentials = Credentials(data["AccessKeyId"], data["SecretAccessKey"], data.get("Token"),
+                                      parse_iso8601(expiration) if expiration else None)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise CredentialsError("container credentials endpoint answered malformed JSON")
+        if not all(isinstance(field, str) and field for field in (credentials.access_key_id,
+                                                                  credentials.secret_access_key)):
+            raise CredentialsError("container credentials endpoint answered malformed JSON")
+        return credentials
 
     def _credentials_path(self):
         c = self.config
@@ -635,95 +987,56 @@ def parse_iso8601(text):
 # AWS client: AWS JSON 1.1 over keep-alive connections, retries, budgets
 # ---------------------------------------------------------------------------
 
-class UpstreamError(Exception):
-    """A failed AWS call. transient: worth a retry, and a stale value may answer instead."""
-
-    transient = False
-
-
-class AwsError(UpstreamError):
-    """AWS answered with an error: passed to the caller with AWS's status and type."""
-
-    def __init__(self, status, error_type, message):
-        super().__init__(f"{error_type} ({status})")
-        self.status = status
-        self.error_type = error_type
-        self.message = message
-        self.transient = status >= 500 or status == 429 or error_type in THROTTLING_ERRORS
-
-
-class UpstreamUnreachable(UpstreamError):
-    """No answer could be had: connection refused, reset, closed mid-body, bad TLS."""
-
-    transient = True
-
-
-class UpstreamTimeout(UpstreamError):
-    """AWS did not answer within the service's time budget."""
-
-    transient = True
-
-
-# The AWS SDKs' throttling error codes (standard retry mode).
-THROTTLING_ERRORS = frozenset((
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
-    "TooManyRequestsException", "ProvisionedThroughputExceededException", "TransactionInProgressException",
-    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled",
-    "SlowDown", "PriorRequestNotComplete", "EC2ThrottledException",
-))
 MAX_ATTEMPTS = 3          # the SDKs' standard retry mode: three attempts in all
 BACKOFF_BASE = 0.05       # seconds; full jitter: sleep uniform(0, base * 2 ** attempt)
 BACKOFF_CAP = 1.0         # a Lambda caller waits: never sleep longer than this
 # With no budget configured (TIMEOUT_MILLIS=0, "no timeout" officially), each attempt
-# still gives up after this much silence: a black-holed connection must not hang a
-# caller forever. The SDKs' defaults (60 s) are longer than most Lambda functions live.
+# still ends this long after it began, however the bytes drip: a black-holed or dripping
+# connection must not hang a caller forever. The SDKs' defaults (60 s) are longer than
+# most Lambda functions live.
 ATTEMPT_TIMEOUT_WITHOUT_BUDGET = 10.0
 IDLE_CONNECTION_SECONDS = 20.0  # AWS closes idle keep-alive connections; do not reuse older
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
 
 
-def _new_connection(parts, timeout):
-    port = parts.port
-    if parts.scheme == "https":
-        context = ssl.create_default_context()  # certificates and host names verified
-        return http.client.HTTPSConnection(parts.hostname, port, timeout=timeout, context=context)
-    return http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
-
-
 class ServiceClient:
-    """Calls one AWS service's JSON 1.1 API. At most max_connections connections are open
-    at once; idle ones are kept for reuse. The lock guards only the list of idle
-    connections; no lock is held during network I/O."""
+    """Calls one AWS service's JSON 1.1 API (aws_service: "ssm" or "secretsmanager").
 
-    def __init__(self, service, endpoint, region, credentials, timeout_ms, max_connections, stats,
-                 log, clock=time.monotonic, sleep=time.sleep):
-        self.service = service
+    At most max_connections connections are open at once (self._connections); idle ones
+    are kept for reuse in self._idle. Lock rule: self._lock guards self._idle only, and
+    no lock is held during network I/O. clock and sleep are injectable (as in sched) so
+    that the budget arithmetic is tested without waiting."""
+
+    def __init__(self, aws_service, endpoint, region, credentials, max_connections, stats, log,
+                 clock=time.monotonic, sleep=time.sleep):
+        self.aws_service = aws_service
         self.endpoint = endpoint
         self.parts = urlsplit(endpoint)
         self.path = self.parts.path or "/"
         self.url = endpoint if self.parts.path else endpoint + "/"
         self.region = region
         self.credentials = credentials
-        self.budget = timeout_ms / 1000.0 if timeout_ms else None
-        self.slots = threading.BoundedSemaphore(max_connections)
-        self.idle = []            # [(connection, last used)]; newest last
-        self.lock = threading.Lock()
         self.stats = stats
         self.log = log
         self.clock = clock
         self.sleep = sleep
+        self._connections = threading.BoundedSemaphore(max_connections)
+        self._idle = []            # [(connection, last used)]; newest last
+        self._lock = threading.Lock()
 
-    def call(self, target, payload):
-        """One API call with retries; returns the decoded JSON answer or raises UpstreamError."""
+    def call(self, target, payload, deadline, shape):
+        """One API call with retries inside the caller's deadline (monotonic, or None for
+        no budget). shape(answer) checks the decoded JSON and returns what to serve; it
+        raises UpstreamInvalidResponse, which is retried like any transient fault."""
         body = json.dumps(payload).encode("utf-8")
-        deadline = self.clock() + self.budget if self.budget else None
+        credentials = self.credentials.get(deadline)
         attempt = 0
         while True:
             attempt += 1
             try:
-                return self._attempt(target, body, deadline, MAX_ATTEMPTS - attempt + 1)
+                return shape(self._attempt(target, body, credentials, deadline, MAX_ATTEMPTS - attempt + 1))
             except UpstreamError as error:
-                if not error.transient or attempt >= MAX_ATTEMPTS:
+                if not error.retryable or attempt >= MAX_ATTEMPTS:
                     raise
                 import random  # only on the retry path
 
@@ -733,155 +1046,293 @@ class ServiceClient:
                 self.log.debug(f"{target} attempt {attempt} failed ({error}); retrying in {delay * 1000:.0f} ms")
                 self.sleep(delay)
 
-    def _attempt(self, target, body, deadline, attempts_left):
-        timeout = ATTEMPT_TIMEOUT_WITHOUT_BUDGET
-        if deadline is not None:
-            remaining = deadline - self.clock()
-            if remaining <= 0:
-                raise UpstreamTimeout(f"{self.service} budget spent")
-            # An attempt that is not the last gets half of what is left: a connection
-            # that never answers leaves time for a retry, and the first attempt, the
-            # one that normally succeeds, gets the largest share.
-            timeout = remaining if attempts_left == 1 else remaining / 2
-        if not self.slots.acquire(timeout=timeout):
-            raise UpstreamTimeout(f"no free connection to {self.service} in time")
+    def attempt_deadline(self, deadline, attempts_left):
+        """When this attempt must end. An attempt that is not the last gets half of what is
+        left: a connection that never answers leaves time for a retry, and the first
+        attempt, the one that normally succeeds, gets the largest share."""
+        now = self.clock()
+        if deadline is None:
+            return now + ATTEMPT_TIMEOUT_WITHOUT_BUDGET
+        remaining = deadline - now
+        if remaining <= 0:
+            raise UpstreamTimeout(f"{self.aws_service} budget spent")
+        return now + (remaining if attempts_left == 1 else remaining / 2)
+
+    def _attempt(self, target, body, credentials, deadline, attempts_left):
+        # Waiting for a free connection is bounded by the caller's whole budget; running
+        # out is ConnectionsBusy, not a timeout of AWS's (docs/http-api.md).
+        wait = ATTEMPT_TIMEOUT_WITHOUT_BUDGET if deadline is None else deadline - self.clock()
+        if wait <= 0 or not self._connections.acquire(timeout=wait):
+            raise ConnectionsBusy(f"no free connection to {self.aws_service} in time")
         connection = None
         try:
-            connection = self._connection(timeout)
+            end = self.attempt_deadline(deadline, attempts_left)
+            connection = self._connection(end)
             headers = sign_request("POST", self.url, [("Content-Type", JSON_CONTENT_TYPE), ("X-Amz-Target", target)],
-                                   body, self.credentials.get(), self.region, self.service,
-                                   datetime.now(timezone.utc))
+                                   body, credentials, self.region, self.aws_service, datetime.now(timezone.utc))
             self.stats.add("aws_calls")
-            connection.putrequest("POST", self.path, skip_host=True, skip_accept_encoding=True)
-            for name, value in headers:
-                connection.putheader(name, value)
-            connection.putheader("Content-Length", str(len(body)))
-            connection.endheaders(body)
-            response = connection.getresponse()
-            data = response.read()
-            status = response.status
-            if response.will_close:
-                connection.close()
-            else:
+            status, data, reusable = exchange(connection, "POST", self.path, headers, body, end)
+            if reusable and (status == 200 or 400 <= status < 600):
                 self._release(connection)
-            connection = None
-        except CredentialsError as error:
-            raise UpstreamUnreachable(f"credentials: {error}")
+                connection = None
         except socket.timeout:
-            raise UpstreamTimeout(f"{self.service} did not answer in time")
+            raise UpstreamTimeout(f"{self.aws_service} did not answer in time")
         except (OSError, http.client.HTTPException) as error:
-            raise UpstreamUnreachable(f"{self.service} unreachable: {type(error).__name__}")
+            reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or ""
+            raise UpstreamUnreachable(f"{self.aws_service} unreachable: {type(error).__name__} {reason}".rstrip())
         finally:
             if connection is not None:
                 connection.close()
-            self.slots.release()
+            self._connections.release()
         if status == 200:
             try:
                 return json.loads(data)
-            except ValueError:
-                raise UpstreamUnreachable(f"{self.service} answered 200 with a body that is not JSON")
-        raise aws_error(status, data)
+            except (ValueError, RecursionError):
+                raise UpstreamInvalidResponse(f"{self.aws_service} answered 200 with a body that is not JSON")
+        if 400 <= status < 600:
+            raise aws_error(status, data)
+        raise UpstreamInvalidResponse(f"{self.aws_service} answered status {status}")
 
-    def _connection(self, timeout):
+    def _connection(self, deadline):
+        """The newest idle connection that is still in step with AWS, else a new one."""
         now = self.clock()
-        with self.lock:
-            while self.idle:
-                connection, last_used = self.idle.pop()
-                if now - last_used < IDLE_CONNECTION_SECONDS and connection.sock is not None:
-                    connection.sock.settimeout(timeout)
-                    return connection
-                connection.close()
-        connection = _new_connection(self.parts, timeout)
-        connection.connect()
-        if connection.sock is not None:  # small requests and answers: no Nagle delay
-            connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return connection
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                connection, last_used = self._idle.pop()
+            if now - last_used < IDLE_CONNECTION_SECONDS and not has_leftover(connection):
+                return connection
+            connection.close()
+        return open_connection(self.parts, deadline)
 
     def _release(self, connection):
-        with self.lock:
-            self.idle.append((connection, self.clock()))
+        with self._lock:
+            self._idle.append((connection, self.clock()))
+
+    def close_idle(self):
+        """Close every idle connection (after a snapshot restore they lead nowhere)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            connection.close()
+
+
+AWS_ERROR_TYPE = re.compile(r"[A-Za-z0-9_.:#-]{1,256}")
 
 
 def aws_error(status, data):
     """AwsError from an error answer: AWS JSON ({"__type": "...#Code", "message"}), or the
-    XML that moto (and AWS's front door) use for signature errors."""
+    XML that moto (and AWS's front door) use for signature errors. Whatever the body holds
+    (garbage, deep nesting, wrong types), the result is a clean AwsError."""
     error_type, message = "UnknownError", ""
     text = data.decode("utf-8", "replace")
     try:
         parsed = json.loads(text)
         if isinstance(parsed, dict):
-            error_type = str(parsed.get("__type") or parsed.get("code") or parsed.get("Code") or error_type)
-            message = str(parsed.get("message") or parsed.get("Message") or "")
-    except ValueError:
+            found_type = parsed.get("__type") or parsed.get("code") or parsed.get("Code")
+            found_message = parsed.get("message") or parsed.get("Message")
+            error_type = found_type if isinstance(found_type, str) else error_type
+            message = found_message if isinstance(found_message, str) else ""
+    except (ValueError, RecursionError):
         code = re.search(r"<Code>([^<]*)</Code>", text)
         found = re.search(r"<Message>(?:<!\[CDATA\[(.*?)\]\]>|([^<]*))</Message>", text, re.DOTALL)
         error_type = code.group(1) if code else error_type
         message = (found.group(1) or found.group(2) or "") if found else ""
     error_type = error_type.rsplit("#", 1)[-1].split(":", 1)[0]  # com.amazonaws.ssm#ParameterNotFound
+    if not AWS_ERROR_TYPE.fullmatch(error_type):
+        error_type = "UnknownError"
     return AwsError(status, error_type, message[:1024])
 
+# ---------------------------------------------------------------------------
+# AWS answers: checked against the API's shape, then shaped as the official extension does
+# ---------------------------------------------------------------------------
+
+# AWS sends timestamps as epoch seconds; outside 1970 to 9999 it is not a date (and
+# time.gmtime would fail on it).
+MAX_TIMESTAMP = 253402300799.0
+PARAMETER_TYPES = ("String", "StringList", "SecureString")
+# A selector after the last ':' of a name: a version number or a label.
+SECRET_REFERENCE = "/aws/reference/secretsmanager/"
+SELECTOR_SUFFIX = re.compile(r"(.+):([A-Za-z0-9_.-]{1,100})")
+
+
+def _require(condition, what):
+    if not condition:
+        raise UpstreamInvalidResponse(f"AWS answered {what}")
+
+
+def _optional_text(value):
+    return value is None or isinstance(value, str)
+
+
+def _timestamp(value, what):
+    """iso8601 text of an epoch-seconds timestamp from AWS, or None when absent."""
+    if value is None:
+        return None
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+             and 0 <= value <= MAX_TIMESTAMP, f"a {what} that is not a date")  # NaN fails too
+    return iso8601(value)
+
+
+def parameter_names_match(asked, name, arn):
+    """Whether a GetParameter answer (Name, ARN) is for the name asked: by name, by ARN, or
+    by an ARN whose resource part is the name; a ':version' or ':label' the caller wrote
+    into the name itself is not part of the answer's Name; a Secrets Manager reference
+    may be answered under the secret's name."""
+    candidates = [asked]
+    suffixed = SELECTOR_SUFFIX.fullmatch(asked)
+    if suffixed:
+        candidates.append(suffixed.group(1))
+    if asked.startswith(SECRET_REFERENCE):
+        # AWS names the answer by the reference path; moto by the secret's own name.
+        candidates.append(asked[len(SECRET_REFERENCE):])
+    for candidate in candidates:
+        if candidate in (name, arn):
+            return True
+        if candidate.startswith("arn:") and ":parameter" in candidate:
+            resource = candidate.split(":parameter", 1)[1]
+            if resource in (name, "/" + name):
+                return True
+    return False
+
+
+def secret_ids_match(asked, name, arn):
+    """Whether a GetSecretValue answer is for the id asked: its name, its ARN, or its ARN
+    without the six random characters Secrets Manager appends (a partial ARN)."""
+    return asked in (name, arn) or (len(arn) == len(asked) + 7 and arn.startswith(asked + "-"))
+
+
+def render_parameter(answer, asked, selector):
+    """The SDK's GetParameter output as the official extension serialises it, from an
+    answer checked to have GetParameter's shape and to be for the name asked."""
+    wire = answer.get("Parameter") if isinstance(answer, dict) else None
+    _require(isinstance(wire, dict), "GetParameter without a Parameter object")
+    name, value, version = wire.get("Name"), wire.get("Value"), wire.get("Version")
+    _require(isinstance(name, str) and name, "a parameter without a Name")
+    _require(isinstance(value, str), "a parameter whose Value is not text")
+    _require(wire.get("Type") in PARAMETER_TYPES, "a parameter of no known Type")
+    # Version 0 is real: parameters under /aws/reference/secretsmanager/ answer it.
+    _require(isinstance(version, int) and not isinstance(version, bool) and version >= 0,
+             "a parameter whose Version is not a whole number")
+    for field_name in ("ARN", "DataType", "Selector", "SourceResult"):
+        _require(_optional_text(wire.get(field_name)), f"a parameter whose {field_name} is not text")
+    _require(parameter_names_match(asked, name, wire.get("ARN") or ""), "another parameter than the one asked")
+    parameter = {
+        "ARN": wire.get("ARN"),
+        "DataType": wire.get("DataType"),
+        "LastModifiedDate": _timestamp(wire.get("LastModifiedDate"), "LastModifiedDate"),
+        "Name": name,
+        # AWS echoes the selector; moto answers null, so the request's own is used then.
+        "Selector": wire.get("Selector") or selector,
+        "SourceResult": wire.get("SourceResult"),
+        "Type": wire.get("Type"),
+        "Value": value,
+        "Version": version,
+    }
+    return json.dumps({"Parameter": parameter, "ResultMetadata": {}}).encode("utf-8")
+
+
+def render_secret(answer, asked):
+    """The SDK's GetSecretValue output as the official extension serialises it (binary
+    stays the base64 text AWS sent), from an answer checked to have GetSecretValue's
+    shape and to be for the secret asked."""
+    _require(isinstance(answer, dict), "GetSecretValue that is not an object")
+    arn, name = answer.get("ARN"), answer.get("Name")
+    _require(isinstance(arn, str) and arn and isinstance(name, str) and name, "a secret without a Name and ARN")
+    _require(isinstance(answer.get("VersionId"), str), "a secret whose VersionId is not text")
+    string, binary = answer.get("SecretString"), answer.get("SecretBinary")
+    _require(_optional_text(string) and _optional_text(binary) and (string, binary) != (None, None),
+             "a secret with neither a SecretString nor a SecretBinary text")
+    stages = answer.get("VersionStages")
+    _require(stages is None or (isinstance(stages, list) and all(isinstance(stage, str) for stage in stages)),
+             "VersionStages that are not a list of text")
+    _require(secret_ids_match(asked, name, arn), "another secret than the one asked")
+    secret = {
+        "ARN": arn,
+        "CreatedDate": _timestamp(answer.get("CreatedDate"), "CreatedDate"),
+        "Name": name,
+        "SecretBinary": binary,
+        "SecretString": string,
+        "VersionId": answer.get("VersionId"),
+        "VersionStages": stages,
+        "ResultMetadata": {},
+    }
+    return json.dumps(secret).encode("utf-8")
 
 # ---------------------------------------------------------------------------
-# Cache: TTL + LRU
+# Cache: TTL + LRU on two clocks, one AWS call per miss, stale answers
 # ---------------------------------------------------------------------------
 
 class TTLCache:
     """A least-recently-used cache whose entries also expire.
 
-    Entries live in an OrderedDict from least to most recently used; an entry is
-    (value, expires_at) on the injected clock. Expired entries are kept a while
-    (max_stale seconds) so that they can answer when AWS fails; past that they are dead
-    and dropped. Lock rules: self.lock guards self.entries and is held only for the
-    dictionary operations of one method call, never during I/O or a call out.
-    """
+    Entries live in an OrderedDict from least to most recently used, each
+    (value, expiry on clock, expiry on wall). An entry is fresh only while both clocks
+    are before its expiry: the monotonic clock cannot be set back, and the wall clock
+    counts the time a paused or snapshot-restored VM was not running, which the monotonic
+    one does not (docs/design.md, "SnapStart"). Expired entries are kept max_stale
+    seconds more, to answer when AWS fails; past that they are dead and dropped.
+    Lock rule: self._lock guards self._entries and is held only for the dictionary
+    operations of one method call, never during I/O or a call out."""
 
-    def __init__(self, max_items, max_stale=0.0, clock=time.monotonic):
+    def __init__(self, max_items, max_stale=0.0, clock=time.monotonic, wall=time.time):
         self.max_items = max_items
         self.max_stale = max_stale
         self.clock = clock
-        self.entries = OrderedDict()
-        self.lock = threading.Lock()
+        self.wall = wall
+        self._entries = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key):
         """The value if fresh, else None. A hit becomes the most recently used."""
-        with self.lock:
-            entry = self.entries.get(key)
+        with self._lock:
+            entry = self._entries.get(key)
             if entry is None:
                 return None
-            now = self.clock()
-            if now < entry[1]:
-                self.entries.move_to_end(key)         # LRU: used now
+            now, wall_now = self.clock(), self.wall()
+            if now < entry[1] and wall_now < entry[2]:
+                self._entries.move_to_end(key)      # LRU: used now
                 return entry[0]
-            if now >= entry[1] + self.max_stale:
-                del self.entries[key]                 # dead: past any stale use
+            if now >= entry[1] + self.max_stale or wall_now >= entry[2] + self.max_stale:
+                del self._entries[key]              # dead: past any stale use
             return None
 
     def get_stale(self, key):
-        """An expired value still within max_stale seconds of its expiry, else None."""
-        with self.lock:
-            entry = self.entries.get(key)
-            if entry is not None and self.clock() < entry[1] + self.max_stale:
+        """A value, expired or not, still within max_stale seconds of its expiry, else None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and self.clock() < entry[1] + self.max_stale \
+                    and self.wall() < entry[2] + self.max_stale:
                 return entry[0]
             return None
 
     def put(self, key, value, ttl):
-        with self.lock:
-            now = self.clock()
-            self.entries[key] = (value, now + ttl)
-            self.entries.move_to_end(key)
-            while len(self.entries) > self.max_items:
-                self.entries.popitem(last=False)      # evict the least recently used
+        with self._lock:
+            now, wall_now = self.clock(), self.wall()
+            self._entries[key] = (value, now + ttl, wall_now + ttl)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_items:
+                self._entries.popitem(last=False)   # evict the least recently used
             # Drop dead entries at the cold end while there are any: keeps memory to
             # what can still be served, at O(1) amortised cost per put.
-            while self.entries:
-                oldest_key, (_, expires_at) = next(iter(self.entries.items()))
-                if now < expires_at + self.max_stale:
+            while self._entries:
+                oldest_key, (_, expires, wall_expires) = next(iter(self._entries.items()))
+                if now < expires + self.max_stale and wall_now < wall_expires + self.max_stale:
                     break
-                del self.entries[oldest_key]
+                del self._entries[oldest_key]
+
+    def discard(self, key):
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
 
     def __len__(self):
-        with self.lock:
-            return len(self.entries)
+        with self._lock:
+            return len(self._entries)
 
 
 class Stats:
@@ -890,114 +1341,175 @@ class Stats:
     NAMES = ("hits", "misses", "aws_calls", "errors", "stale")
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.counts = dict.fromkeys(self.NAMES, 0)
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(self.NAMES, 0)
 
     def add(self, name):
-        with self.lock:
-            self.counts[name] += 1
+        with self._lock:
+            self._counts[name] += 1
 
     def snapshot(self):
-        with self.lock:
-            return dict(self.counts)
+        with self._lock:
+            return dict(self._counts)
 
 
 class _Flight:
     """One AWS call in progress for a key; the requests that wait for it share its result."""
 
-    __slots__ = ("done", "value", "state", "error")
+    __slots__ = ("done", "value", "cache_status", "error")
 
     def __init__(self):
         self.done = threading.Event()
-        self.value = self.state = self.error = None
+        self.value = self.cache_status = self.error = None
+
+
+# refreshNow makes at most one AWS call per key in this many seconds: a refresh that
+# comes sooner shares the previous refresh's result, so that a loop in function code
+# cannot turn into a storm on the account's shared quota (Parameter Store: 40 calls a
+# second by default). docs/http-api.md, "refreshNow".
+REFRESH_INTERVAL = 1.0
+# How long a request with no budget waits for another request's AWS call for the same
+# key: longer than that call can last (its attempts, backoffs and a credentials fetch).
+WAIT_WITHOUT_BUDGET = MAX_ATTEMPTS * (ATTEMPT_TIMEOUT_WITHOUT_BUDGET + BACKOFF_CAP) + CREDENTIALS_FETCH_SECONDS
 
 
 class Store:
-    """The cache, the rule of one AWS call per miss, and serving stale values when AWS
-    fails transiently. Lock rules: self.lock guards self.flights only; the AWS call is
-    made with no lock held."""
+    """The cache, the rule of one AWS call per miss, refreshNow's rate, and stale values
+    when AWS fails transiently.
 
-    def __init__(self, cache, stats, log):
+    Lock rule: self._lock guards self._flights and self._refreshes only; the AWS call is
+    made with no lock held, and a request waits for another's call only until its own
+    deadline."""
+
+    def __init__(self, cache, stats, log, clock=time.monotonic):
         self.cache = cache
         self.stats = stats
         self.log = log
-        self.flights = {}
-        self.lock = threading.Lock()
+        self.clock = clock
+        self._flights = {}                 # key -> _Flight in progress
+        self._refreshes = OrderedDict()    # key -> (started, value, error), oldest first
+        self._lock = threading.Lock()
 
-    def get(self, key, fetch, ttl, refresh=False):
-        """(body, state) for key, state one of hit / miss / stale / bypass. fetch() makes
-        the AWS call and returns the body; ttl 0 means this key is never cached."""
+    def get(self, key, call, ttl, refresh=False, deadline=None):
+        """(value, cache status) for key, status one of hit / miss / stale / bypass.
+        call() makes the AWS call and returns the value; ttl 0 means this key is never
+        cached; deadline (monotonic, or None) bounds any wait for another request's call."""
         if ttl and not refresh:
-            body = self.cache.get(key)
-            if body is not None:
+            value = self.cache.get(key)
+            if value is not None:
                 self.stats.add("hits")
-                return body, "hit"
-        with self.lock:
-            flight = self.flights.get(key)
+                return value, "hit"
+        if ttl and refresh:
+            recent = self._recent_refresh(key)
+            if recent is not None:
+                value, error = recent
+                if error is not None:
+                    return self._stale_or_raise(key, ttl, error)
+                self.stats.add("hits")
+                return value, "hit"
+        with self._lock:
+            flight = self._flights.get(key)
             leader = flight is None
             if leader:
-                flight = self.flights[key] = _Flight()
+                flight = self._flights[key] = _Flight()
         if not leader:
-            flight.done.wait()  # bounded: the leader's call has its own time limits
+            wait = WAIT_WITHOUT_BUDGET if deadline is None else deadline - self.clock()
+            if not flight.done.wait(max(0.0, wait)):
+                self.stats.add("errors")
+                return self._stale_or_raise(key, ttl, UpstreamTimeout("waited for another request's AWS call"))
             if flight.error is not None:
                 raise flight.error
-            return flight.value, flight.state
+            return flight.value, flight.cache_status
         try:
-            flight.value, flight.state = self._fetch(key, fetch, ttl, refresh)
+            flight.value, flight.cache_status = self._fetch(key, call, ttl, refresh)
         except BaseException as error:
             flight.error = error
             raise
         finally:
-            with self.lock:
-                del self.flights[key]
+            with self._lock:
+                del self._flights[key]
             flight.done.set()
-        return flight.value, flight.state
+        return flight.value, flight.cache_status
 
-    def _fetch(self, key, fetch, ttl, refresh):
+    def _fetch(self, key, call, ttl, refresh):
         if ttl and not refresh:
-            body = self.cache.get(key)  # filled by a flight that ended while we queued
-            if body is not None:
+            value = self.cache.get(key)  # filled by a flight that ended while we queued
+            if value is not None:
                 self.stats.add("hits")
-                return body, "hit"
+                return value, "hit"
         self.stats.add("misses")
+        started = self.clock()
         try:
-            body = fetch()
+            value = call()
         except UpstreamError as error:
             self.stats.add("errors")
-            stale = self.cache.get_stale(key) if ttl and error.transient else None
-            if stale is None:
-                raise
-            self.stats.add("stale")
-            self.log.warn(f"serving a stale value for {describe_key(key)}: AWS failed ({error})")
-            return stale, "stale"
+            if not error.transient:
+                self.cache.discard(key)  # AWS says it is gone or not ours: never serve it again
+            if ttl and refresh:
+                self._remember_refresh(key, started, None, error)
+            return self._stale_or_raise(key, ttl, error)
+        if ttl and refresh:
+            self._remember_refresh(key, started, value, None)
+        elif ttl:
+            self._forget_refresh(key)  # the first refreshNow after an ordinary fetch calls AWS
         if not ttl:
-            return body, "bypass"
-        self.cache.put(key, body, ttl)
-        return body, "miss"
+            return value, "bypass"
+        self.cache.put(key, value, ttl)
+        return value, "miss"
+
+    def _stale_or_raise(self, key, ttl, error):
+        stale = self.cache.get_stale(key) if ttl and error.transient else None
+        if stale is None:
+            raise error
+        self.stats.add("stale")
+        self.log.warn(f"serving a stale value for {describe_key(key)}: AWS failed ({error})")
+        return stale, "stale"
+
+    def _recent_refresh(self, key):
+        with self._lock:
+            recent = self._refreshes.get(key)
+            if recent is not None and self.clock() - recent[0] < REFRESH_INTERVAL:
+                return recent[1], recent[2]
+            return None
+
+    def _remember_refresh(self, key, started, value, error):
+        with self._lock:
+            self._refreshes[key] = (started, value, error)
+            self._refreshes.move_to_end(key)
+            # Only the last second matters: drop older records from the old end.
+            now = self.clock()
+            while self._refreshes:
+                oldest_key, (oldest_started, _, _) = next(iter(self._refreshes.items()))
+                if now - oldest_started < REFRESH_INTERVAL:
+                    break
+                del self._refreshes[oldest_key]
+
+    def _forget_refresh(self, key):
+        with self._lock:
+            self._refreshes.pop(key, None)
+
+    def clear(self):
+        """Drop every cached value (after a snapshot restore)."""
+        self.cache.clear()
+        with self._lock:
+            self._refreshes.clear()
 
 
 def describe_key(key):
     """A key for a log line: service and name or id, never a value."""
-    return f"{key[0]} {key[1]!r}"
-
+    return f"{key[0]} {shown(repr(key[1]))}"
 
 # ---------------------------------------------------------------------------
-# Requests: query parsing, the AWS call each route makes, the official answer shape
+# Requests: query parsing, what each route looks up, and Service, where a request's
+# meaning and its answer are decided
 # ---------------------------------------------------------------------------
-
-class ClientError(Exception):
-    """A request we refuse: status, our error type, and a message naming the problem."""
-
-    def __init__(self, status, error_type, message):
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.message = message
-
 
 MAX_NAME_LENGTH = 2048  # SSM parameter names and Secrets Manager ids: 2048 at most
 BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# An unknown query key is echoed this far: enough to recognise a typo, too little to
+# carry anything pasted by mistake (docs/http-api.md, "Errors").
+ECHOED_KEY_LENGTH = 16
 
 
 def parse_query(query):
@@ -1042,7 +1554,8 @@ def _single_values(pairs, allowed):
                 close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.75)
                 hint = close[0] if close else None
             suffix = f"; did you mean {hint!r}?" if hint else f"; known keys: {', '.join(allowed)}"
-            raise ClientError(400, "UnknownQueryKey", f"unknown query key {key[:64]!r}{suffix}")
+            echoed = key[:ECHOED_KEY_LENGTH] + ("\u2026" if len(key) > ECHOED_KEY_LENGTH else "")
+            raise UnknownQueryKey(key, f"unknown query key {echoed!r}{suffix}")
         if key in values:
             raise ClientError(400, "RepeatedQueryKey", f"query key {key!r} is given more than once")
         values[key] = value
@@ -1079,17 +1592,18 @@ def _identifier(values, key, what):
     return value
 
 
-class Fetch:
-    """What one request asks for: its cache key, the AWS call, and how to shape the answer."""
+class Lookup:
+    """What one request asks for: the cache key, the AWS call (target and payload) and
+    how its answer is checked and shaped (render: answer -> bytes to serve)."""
 
-    __slots__ = ("service", "key", "target", "payload", "selector", "refresh")
+    __slots__ = ("aws_service", "key", "target", "payload", "render", "refresh")
 
-    def __init__(self, service, key, target, payload, selector, refresh):
-        self.service = service
+    def __init__(self, aws_service, key, target, payload, render, refresh):
+        self.aws_service = aws_service
         self.key = key
         self.target = target
         self.payload = payload
-        self.selector = selector
+        self.render = render
         self.refresh = refresh
 
 
@@ -1097,7 +1611,7 @@ PARAMETER_KEYS = ("name", "version", "label", "withDecryption", "refreshNow")
 SECRET_KEYS = ("secretId", "versionId", "versionStage", "refreshNow")
 
 
-def parameter_fetch(pairs):
+def parameter_lookup(pairs):
     values = _single_values(pairs, PARAMETER_KEYS)
     name = _identifier(values, "name", "the parameter name")
     decrypt = _boolean(values, "withDecryption")
@@ -1117,10 +1631,14 @@ def parameter_fetch(pairs):
             selector = ":" + value
             break
     payload = {"Name": name + (selector or ""), "WithDecryption": decrypt}
-    return Fetch("ssm", ("ssm", name, selector, decrypt), "AmazonSSM.GetParameter", payload, selector, refresh)
+
+    def render(answer):
+        return render_parameter(answer, name, selector)
+
+    return Lookup("ssm", ("ssm", name, selector, decrypt), "AmazonSSM.GetParameter", payload, render, refresh)
 
 
-def secret_fetch(pairs):
+def secret_lookup(pairs):
     values = _single_values(pairs, SECRET_KEYS)
     secret_id = _identifier(values, "secretId", "the secret name or ARN")
     refresh = _boolean(values, "refreshNow")
@@ -1131,105 +1649,160 @@ def secret_fetch(pairs):
             if not value or len(value) > limit:
                 raise ClientError(400, "InvalidQueryValue", f"{key} must be 1 to {limit} characters")
             payload[field_name] = value
+
+    def render(answer):
+        return render_secret(answer, secret_id)
+
     key = ("secretsmanager", secret_id, values.get("versionId"), values.get("versionStage"))
-    return Fetch("secretsmanager", key, "secretsmanager.GetSecretValue", payload, None, refresh)
+    return Lookup("secretsmanager", key, "secretsmanager.GetSecretValue", payload, render, refresh)
 
 
-def _timestamp(value):
-    return iso8601(value) if isinstance(value, (int, float)) else value
-
-
-def render_parameter(answer, selector):
-    """The SDK's GetParameter output as the official extension serialises it."""
-    wire = answer.get("Parameter") or {}
-    parameter = {
-        "ARN": wire.get("ARN"),
-        "DataType": wire.get("DataType"),
-        "LastModifiedDate": _timestamp(wire.get("LastModifiedDate")),
-        "Name": wire.get("Name"),
-        # AWS echoes the selector; moto answers null, so the request's own is used then.
-        "Selector": wire.get("Selector") or selector,
-        "SourceResult": wire.get("SourceResult"),
-        "Type": wire.get("Type"),
-        "Value": wire.get("Value"),
-        "Version": wire.get("Version"),
-    }
-    return json.dumps({"Parameter": parameter, "ResultMetadata": {}}).encode("utf-8")
-
-
-def render_secret(answer):
-    """The SDK's GetSecretValue output as the official extension serialises it (binary
-    stays the base64 text AWS sent)."""
-    secret = {
-        "ARN": answer.get("ARN"),
-        "CreatedDate": _timestamp(answer.get("CreatedDate")),
-        "Name": answer.get("Name"),
-        "SecretBinary": answer.get("SecretBinary"),
-        "SecretString": answer.get("SecretString"),
-        "VersionId": answer.get("VersionId"),
-        "VersionStages": answer.get("VersionStages"),
-        "ResultMetadata": {},
-    }
-    return json.dumps(secret).encode("utf-8")
-
-
-def error_status_and_body(error):
-    """The one place where failures become HTTP answers. Bodies never hold a value or token."""
-    if isinstance(error, ClientError):
-        status, error_type, message = error.status, error.error_type, error.message
-    elif isinstance(error, AwsError):
-        status, error_type, message = error.status, error.error_type, error.message
-    elif isinstance(error, UpstreamTimeout):
-        status, error_type, message = 504, "UpstreamTimeout", "AWS did not answer in time"
-    elif isinstance(error, UpstreamUnreachable):
-        status, error_type, message = 502, "UpstreamUnreachable", "AWS could not be reached"
-    else:
-        status, error_type, message = 500, "InternalError", "the extension failed; see its log"
-    return status, json.dumps({"__type": error_type, "message": message}).encode("utf-8")
+TOKEN_HEADER = "X-Aws-Parameters-Secrets-Token"
+CACHE_HEADER = "X-Parameters-Secrets-Cache"
+PING_BODY = b'{"status": "ok"}'
+# Headers that say a proxy forwarded the request. Callers in Lambda are on this host and
+# never proxied; a proxied request may be forged server-side (SSRF), so it is refused, as
+# the Secrets Manager Agent does.
+FORWARDING_HEADERS = ("x-forwarded-for", "forwarded")
+# A wall clock that moved this much further than the monotonic one means the process
+# stood still without knowing it: a snapshot restore, or a clock set by hand. Lambda's
+# freeze does not count: the monotonic clock runs on through it (docs/pitfalls.md).
+RESTORE_JUMP_SECONDS = 10.0
 
 
 class Service:
-    """What the HTTP handler serves: token check, routes, the store and the AWS clients."""
+    """What a request means and what it is answered: one call, answer(), that the HTTP
+    transport makes and unit tests drive without a socket. It holds the token, the
+    store, the AWS clients and the clocks (clock: monotonic, for deadlines and the cache;
+    wall: for expiry across a snapshot restore; sleep: for retry backoff)."""
 
     ROUTES = {
-        "/systemsmanager/parameters/get": parameter_fetch,
-        "/systemsmanager/parameters/get/": parameter_fetch,
-        "/secretsmanager/get": secret_fetch,
-        "/secretsmanager/get/": secret_fetch,
+        "/systemsmanager/parameters/get": parameter_lookup,
+        "/systemsmanager/parameters/get/": parameter_lookup,
+        "/secretsmanager/get": secret_lookup,
+        "/secretsmanager/get/": secret_lookup,
     }
 
-    def __init__(self, config, log, credentials, stats=None, clock=time.monotonic):
+    def __init__(self, config, log, credentials, stats=None, clock=time.monotonic, wall=time.time, sleep=time.sleep):
         self.config = config
         self.log = log
+        self.credentials = credentials
         self.stats = stats or Stats()
-        self.token = (config.request_token or "").encode("utf-8")
-        cache = TTLCache(config.cache_size, config.max_stale_seconds, clock)
-        self.store = Store(cache, self.stats, log)
+        self.clock = clock
+        self.wall = wall
+        self._token = (config.request_token or "").encode("utf-8", "surrogateescape")
+        self._token_text = config.request_token or ""
+        cache = TTLCache(config.cache_size, config.max_stale_seconds, clock, wall)
+        self.store = Store(cache, self.stats, log, clock)
         cached = config.cache_enabled and config.cache_size > 0
         self.ttl = {"ssm": config.ssm_ttl if cached else 0,
                     "secretsmanager": config.secrets_ttl if cached else 0}
+        self.budget = {"ssm": config.ssm_timeout_ms / 1000.0 or None,
+                       "secretsmanager": config.secrets_timeout_ms / 1000.0 or None}
         self.clients = {
-            "ssm": ServiceClient("ssm", config.ssm_endpoint, config.region, credentials,
-                                 config.ssm_timeout_ms, config.max_connections, self.stats, log),
-            "secretsmanager": ServiceClient("secretsmanager", config.secrets_endpoint, config.region,
-                                            credentials, config.secrets_timeout_ms,
-                                            config.max_connections, self.stats, log),
+            aws_service: ServiceClient(aws_service, endpoint, config.region, credentials, config.max_connections,
+                                       self.stats, log, clock, sleep)
+            for aws_service, endpoint in (("ssm", config.ssm_endpoint), ("secretsmanager", config.secrets_endpoint))
         }
+        self._clock_offset = wall() - clock()
+        self._restore_lock = threading.Lock()
+
+    def answer(self, method, target, headers):
+        """(status, [(header, value)], body) for one request. headers: [(lower-case name,
+        value)] as received, repeats kept. Never raises: every failure is answered."""
+        self.check_restore()
+        lookup = None
+        try:
+            if method != "GET":
+                raise ClientError(405, "MethodNotAllowed", f"only GET is served, not {method[:16]!r}")
+            if any(name in FORWARDING_HEADERS for name, _ in headers):
+                raise ClientError(400, "ForwardedRequestRefused",
+                                  "requests with X-Forwarded-For or Forwarded are refused")
+            path, _, query = target.partition("?")
+            if path == "/ping":
+                return 200, (), PING_BODY
+            route = self.ROUTES.get(path)
+            if route is None:
+                raise ClientError(404, "NotFound", "unknown path; use /systemsmanager/parameters/get "
+                                                   "or /secretsmanager/get")
+            tokens = [value for name, value in headers if name == "x-aws-parameters-secrets-token"]
+            if not tokens:
+                raise ClientError(401, "MissingToken", f"the header {TOKEN_HEADER} is required")
+            if len(tokens) > 1:
+                raise ClientError(400, "RepeatedHeader", f"the header {TOKEN_HEADER} is given more than once")
+            if not self.token_matches(tokens[0]):
+                raise ClientError(403, "InvalidToken", f"the header {TOKEN_HEADER} does not match")
+            lookup = route(parse_query(query))
+            value, cache_status = self.get(lookup)
+            return 200, ((CACHE_HEADER, cache_status),), value
+        except Exception as error:  # every failure is answered; the server keeps serving
+            if isinstance(error, UnknownQueryKey) and self._looks_like_token(error.key):
+                error = UnknownQueryKey(error.key, "unknown query key (not shown: it looks like the token)")
+            self._log_failure(method, target, lookup, error)
+            status, extra, body = error_answer(error)
+            if self._token_text and len(self._token_text) >= 8 and self._token_text.encode() in body:
+                # An AWS message that quotes a name which is the token pasted by mistake.
+                status, extra, body = error_answer(HttpError(status, getattr(error, "error_type", "InternalError"),
+                                                             "(message withheld: it quoted the request token)"))
+            return status, extra, body
 
     def token_matches(self, given):
         # Constant time over the content: a wrong last byte takes as long as a wrong first.
-        return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"), self.token)
+        return hmac.compare_digest(given.encode("latin-1", "replace"), self._token)
 
-    def get(self, fetch):
-        """(body, cache state) for a parsed request, or raises UpstreamError."""
-        client = self.clients[fetch.service]
-        if fetch.service == "ssm":
-            def call():
-                return render_parameter(client.call(fetch.target, fetch.payload), fetch.selector)
-        else:
-            def call():
-                return render_secret(client.call(fetch.target, fetch.payload))
-        return self.store.get(fetch.key, call, self.ttl[fetch.service], fetch.refresh)
+    def _looks_like_token(self, key):
+        token = self._token_text
+        return bool(token) and (token in key or (len(key) >= 8 and key[:ECHOED_KEY_LENGTH] in token))
+
+    def _log_failure(self, method, target, lookup, error):
+        if not isinstance(error, HttpError):
+            # Where it happened, so that a 500 can be found; never a value (no locals).
+            frame = error.__traceback__
+            while frame is not None and frame.tb_next is not None:
+                frame = frame.tb_next
+            where = (f" at {os.path.basename(frame.tb_frame.f_code.co_filename)}:{frame.tb_lineno} "
+                     f"in {frame.tb_frame.f_code.co_name}") if frame is not None else ""
+            self.log.error(f"internal error: {type(error).__name__}{where}")
+        elif self.log.enabled("debug"):
+            subject = f" ({self._redacted(describe_key(lookup.key))})" if lookup is not None else ""
+            self.log.debug(f"{shown(method, 16)} {self._redacted(shown(target.partition('?')[0]))}{subject} -> "
+                           f"{error.status} {error.error_type}: {self._redacted(shown(error))}")
+
+    def _redacted(self, text):
+        token = self._token_text
+        return text.replace(token, "(token)") if token and len(token) >= 8 else text
+
+    def get(self, lookup):
+        """(value, cache status) for a parsed request, within its service's budget."""
+        client = self.clients[lookup.aws_service]
+        budget = self.budget[lookup.aws_service]
+        deadline = self.clock() + budget if budget else None
+
+        def call():
+            return client.call(lookup.target, lookup.payload, deadline, lookup.render)
+
+        return self.store.get(lookup.key, call, self.ttl[lookup.aws_service], lookup.refresh, deadline)
+
+    def check_restore(self):
+        """Drop what a snapshot holds when the clocks say the process was restored: the
+        wall clock moved much further than the monotonic one (docs/design.md, "SnapStart")."""
+        jump = self.wall() - self.clock() - self._clock_offset
+        if abs(jump) > RESTORE_JUMP_SECONDS:
+            with self._restore_lock:
+                jump = self.wall() - self.clock() - self._clock_offset
+                if abs(jump) <= RESTORE_JUMP_SECONDS:
+                    return  # another thread saw it first
+                self._clock_offset += jump
+            self.forget("snapshot restore detected")
+
+    def forget(self, reason):
+        """Drop cached values, fetched credentials and idle AWS connections: each is had
+        again when next needed."""
+        self.store.clear()
+        self.credentials.forget()
+        for client in self.clients.values():
+            client.close_idle()
+        self.log.info(f"{reason}: cache and credentials dropped")
 
     def prefetch(self, entries):
         """Fill the cache with the configured entries; failures are WARNs, never fatal."""
@@ -1238,218 +1811,226 @@ class Service:
             ident, _, query = rest.partition("?")
             try:
                 if kind == "ssm" and ident:
-                    fetch = parameter_fetch([("name", ident)] + parse_query(query))
+                    lookup = parameter_lookup([("name", ident)] + parse_query(query))
                 elif kind == "secret" and ident:
-                    fetch = secret_fetch([("secretId", ident)] + parse_query(query))
+                    lookup = secret_lookup([("secretId", ident)] + parse_query(query))
                 else:
                     raise ClientError(400, "InvalidPrefetch", "expected ssm:<name>[?query] or secret:<id>[?query]")
-                self.get(fetch)
-                self.log.debug(f"prefetched {describe_key(fetch.key)}")
+                self.get(lookup)
+                self.log.debug(f"prefetched {describe_key(lookup.key)}")
             except (ClientError, UpstreamError) as error:
-                self.log.warn(f"prefetch of {entry[:200]!r} failed: {error}")
-
+                self.log.warn(f"prefetch of {shown(entry)} failed: {error}")
 
 # ---------------------------------------------------------------------------
-# HTTP handler and server
+# HTTP server: the transport. Sockets, request heads, keep-alive and admission; what a
+# request means is Service.answer's business.
 # ---------------------------------------------------------------------------
+#
+# Not http.server: its ThreadingHTTPServer and BaseHTTPRequestHandler would have to be
+# overridden almost whole to get what Lambda's life needs (docs/design.md, "Transport"):
+# header bytes capped while they arrive, an idle keep-alive connection that no timer
+# closes (a timer that expires during a freeze fires at thaw, under the caller's next
+# request), admission that closes the connection idle longest instead, an accept loop
+# that survives a thread that cannot start, and a stop within milliseconds rather than
+# at the next poll. What is left is small enough to read here.
 
-TOKEN_HEADER = "X-Aws-Parameters-Secrets-Token"
-CACHE_HEADER = "X-Parameters-Secrets-Cache"
-PING_BODY = b'{"status": "ok"}'
+MAX_REQUEST_LINE = 65536
+# The whole header block of one request (every line after the request line, line ends
+# included). This API needs a token and a few standard headers: 32 KiB is plenty, and
+# without a cap http.server-style parsing holds 100 x 64 KiB per request (docs/pitfalls.md).
+MAX_HEADER_BYTES = 32 * 1024
+MAX_HEADER_LINES = 100
+LISTEN_BACKLOG = 128
+HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+HTTP_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
+REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """One connection. Every answer is written with one sendall (status line, headers and
-    body together): with TCP_NODELAY that is one segment, and no delayed-ACK stall."""
+def read_request_head(rfile):
+    """(method, target, version, headers) of the next request on rfile, headers as
+    [(lower-case name, value)]; None when the peer ended the connection. Raises
+    ClientError (400, 414, 431, 505) for a head that cannot be served, as soon as that
+    is known: nothing past MAX_HEADER_BYTES is read."""
+    line = rfile.readline(MAX_REQUEST_LINE + 1)
+    if line in (b"\r\n", b"\n"):  # RFC 9112 section 2.2: ignore an empty line before a request
+        line = rfile.readline(MAX_REQUEST_LINE + 1)
+    if not line:
+        return None
+    if len(line) > MAX_REQUEST_LINE:
+        raise ClientError(414, "RequestLineTooLong", f"the request line is longer than {MAX_REQUEST_LINE} bytes")
+    words = line.rstrip(b"\r\n").split()
+    if len(words) == 2:
+        # HTTP/0.9 ("GET /") sends no headers; refuse at once rather than wait for them.
+        raise ClientError(400, "BadRequest", "HTTP/0.9 is not served")
+    if len(words) != 3 or not HEADER_NAME.fullmatch(words[0]):
+        raise ClientError(400, "BadRequest", "the request line is not 'METHOD target HTTP/1.1'")
+    method, target, version = words
+    match = HTTP_VERSION.fullmatch(version)
+    if match is None:
+        raise ClientError(400, "BadRequest", "the request line does not end with an HTTP version")
+    if match.group(1) != b"1":
+        raise ClientError(505, "HTTPVersionNotSupported", "only HTTP/1.0 and HTTP/1.1 are served")
+    headers = []
+    size = 0
+    while True:
+        line = rfile.readline(MAX_HEADER_BYTES - size + 1)
+        size += len(line)
+        if size > MAX_HEADER_BYTES:
+            raise ClientError(431, "HeadersTooLarge", f"the headers are larger than {MAX_HEADER_BYTES} bytes")
+        if not line:
+            return None  # the peer went away in the middle of the head: nobody to answer
+        if line in (b"\r\n", b"\n"):
+            break
+        if len(headers) >= MAX_HEADER_LINES:
+            raise ClientError(431, "HeadersTooLarge", f"more than {MAX_HEADER_LINES} header lines")
+        if line[:1] in (b" ", b"\t"):
+            # Obsolete line folding: RFC 9112 section 5.2 lets a server refuse it.
+            raise ClientError(400, "MalformedHeader", "a header line starts with white space (line folding)")
+        name, colon, value = line.partition(b":")
+        if not colon or not HEADER_NAME.fullmatch(name):
+            # "X-Forwarded-For : x" included: RFC 9112 section 5.1 says to refuse white
+            # space before the colon, since proxies and servers read such names differently.
+            raise ClientError(400, "MalformedHeader", "a header line is not 'Name: value'")
+        headers.append((name.decode("ascii").lower(), value.strip(b" \t\r\n").decode("latin-1")))
+    return method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"), headers
 
-    protocol_version = "HTTP/1.1"
-    server_version = DEFAULT_NAME
-    sys_version = ""
 
-    def setup(self):
-        self.timeout = self.server.read_timeout
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.rfile.close()  # StreamRequestHandler's plain reader: ours keeps a deadline
-        self.reader = DeadlineReader(self.connection)
-        self.rfile = io.BufferedReader(self.reader)
+def connection_after(method, version, headers):
+    """(keep the connection open?, the Connection header to send or None) for a request."""
+    tokens = {token.strip().lower() for name, value in headers if name == "connection"
+              for token in value.split(",")}
+    if version == "HTTP/1.0":
+        keep = "keep-alive" in tokens  # HTTP/1.0 keep-alive is opt-in, and answered in kind
+        wanted = "keep-alive" if keep else "close"
+    else:
+        keep = "close" not in tokens
+        wanted = None if keep else "close"
+    lengths = [value for name, value in headers if name == "content-length"]
+    # A body is never read: after one, the next bytes are not a request head. Content-
+    # Length: 0 is no body (Java's HttpClient sends it on every GET: docs/pitfalls.md).
+    has_body = any(name == "transfer-encoding" for name, _ in headers) or lengths not in ([], ["0"])
+    if method != "GET" or has_body:
+        return False, "close"
+    return keep, wanted
 
-    def handle_one_request(self):
-        # Each request (line and headers) gets a deadline one read timeout away, checked
-        # at every read: a caller dripping one byte at a time cannot hold a thread for ever.
-        self.reader.deadline = time.monotonic() + self.timeout
-        super().handle_one_request()
 
-    def parse_request(self):
-        if len(self.raw_requestline.split()) == 2:
-            # HTTP/0.9 ("GET /"): http.server would go on to wait for headers that a 0.9
-            # client never sends. Refuse at once and close.
-            self.close_connection = True
-            self._send(400, b'{"__type": "BadRequest", "message": "HTTP/0.9 is not served"}')
-            return False
-        return super().parse_request()
+def format_response(status, headers, body, connection=None):
+    """The bytes of one answer: status line, headers and body, written with one sendall
+    (with TCP_NODELAY that is one segment, and no delayed-ACK stall: docs/pitfalls.md)."""
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}", "Content-Type: application/json",
+             f"Content-Length: {len(body)}"]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    if connection:
+        lines.append(f"Connection: {connection}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
-    def do_GET(self):
-        service = self.server.service
-        if self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"):
-            self.close_connection = True  # a GET with a body: do not parse the body as a request
+
+TOO_MANY_CONNECTIONS = format_response(
+    *error_answer(ClientError(429, "TooManyConnections", "too many connections at once; retry")), "close")
+
+
+def _limit_hops(sock):
+    """IP TTL (hop limit) 1: no answer can cross a network hop, whatever a route says (as
+    the Secrets Manager Agent does)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+
+
+def _refuse(sock):
+    """429 and close, from the accept thread: never blocks."""
+    try:
+        sock.setblocking(False)
         try:
-            if "X-Forwarded-For" in self.headers:
-                # A proxied request may be forged server-side (SSRF): refuse, as the Secrets
-                # Manager Agent does. Lambda callers are on this host and never proxied.
-                raise ClientError(400, "ForwardedRequestRefused", "requests with X-Forwarded-For are refused")
-            path, _, query = self.path.partition("?")
-            if path == "/ping":
-                self._send(200, PING_BODY)
-                return
-            route = Service.ROUTES.get(path)
-            if route is None:
-                raise ClientError(404, "NotFound", "unknown path; use /systemsmanager/parameters/get "
-                                                   "or /secretsmanager/get")
-            given = self.headers.get(TOKEN_HEADER)
-            if given is None:
-                raise ClientError(401, "MissingToken", f"the header {TOKEN_HEADER} is required")
-            if not service.token_matches(given):
-                raise ClientError(403, "InvalidToken", f"the header {TOKEN_HEADER} does not match")
-            fetch = route(parse_query(query))
-            self.server.in_flight.change(+1)  # the stop waits for these to be answered
-            try:
-                body, state = service.get(fetch)
-            finally:
-                self.server.in_flight.change(-1)
-            self._send(200, body, ((CACHE_HEADER, state),))
-        except Exception as error:  # every failure is answered; the server keeps serving
-            self._send_error(error)
-
-    def _send_error(self, error):
-        status, body = error_status_and_body(error)
-        log = self.server.service.log
-        if status >= 500 and not isinstance(error, UpstreamError):
-            log.error(f"internal error: {type(error).__name__}")
-        elif log.enabled("debug"):
-            log.debug(f"{self.command} {self.path.partition('?')[0][:200]} -> {status} {error}")
-        extra = (("Allow", "GET"),) if status == 405 else ()
-        self._send(status, body, extra)
-
-    def _send(self, status, body, extra_headers=()):
-        lines = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
-                 "Content-Type: application/json", f"Content-Length: {len(body)}"]
-        lines.extend(f"{name}: {value}" for name, value in extra_headers)
-        if self.close_connection:
-            lines.append("Connection: close")
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-
-    def _method_not_allowed(self):
-        self.close_connection = True  # a body may follow that we do not read
-        self._send_error(ClientError(405, "MethodNotAllowed", f"only GET is served, not {self.command[:16]}"))
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_CONNECT = _method_not_allowed
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (bad request line, headers too long or too many,
-        unsupported method), answered as JSON rather than HTML; the connection closes."""
-        self.close_connection = True
-        if code == 501:  # http.server's answer to a method it has no do_ for
-            code, error_type = 405, "MethodNotAllowed"
-        else:
-            error_type = {414: "RequestLineTooLong", 431: "HeadersTooLarge", 505: "HTTPVersionNotSupported",
-                          408: "RequestTimeout"}.get(code, "BadRequest")
-        text = self.responses.get(code, ("error",))[0]
-        try:
-            self._send(code, json.dumps({"__type": error_type, "message": text}).encode("utf-8"),
-                       (("Allow", "GET"),) if code == 405 else ())
+            sock.recv(65536)  # drain what was sent, so close() does not reset
         except OSError:
             pass
-        self.server.service.log.debug(f"refused a malformed request: {code} {text}")
-
-    def log_message(self, format, *args):
-        # http.server's access and error lines may quote the request: debug level only,
-        # and the token never appears there (it is a header, not part of the request line).
-        log = self.server.service.log
-        if log.enabled("debug"):
-            log.debug("http: " + (format % args)[:300])
+        sock.sendall(TOO_MANY_CONNECTIONS)
+    except OSError:
+        pass
+    sock.close()
 
 
-class DeadlineReader(socket.SocketIO):
-    """A socket reader that also gives up at a deadline, not only after a silence.
+class _ClientReader(io.RawIOBase):
+    """The raw reads of one inbound connection (connection: its socket).
 
-    The socket keeps its read timeout (a silent peer is dropped after it); each read
-    also checks the deadline, so a peer dripping bytes is dropped at the first read past
-    it: within twice the read timeout at worst. Cheaper than a settimeout() per read,
-    which is a system call."""
+    Between requests (deadline None) it waits for the next request with no time limit:
+    the socket timeout is only a tick, so that a Lambda freeze, whatever its length,
+    never turns into a close under the caller's next request (docs/pitfalls.md, "Freeze").
+    Once a request has begun the handler sets a deadline: a silence of one socket timeout
+    ends it, and so does a drip, at the first read past the deadline (within twice the
+    read timeout at worst; a settimeout per read would be a system call per read)."""
 
     def __init__(self, sock):
-        super().__init__(sock, "rb")
+        super().__init__()
+        self.connection = sock
         self.deadline = None
+        self.idle_since = time.monotonic()
+
+    def readable(self):
+        return True
 
     def readinto(self, buffer):
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise socket.timeout("the request did not arrive in time")
-        return super().readinto(buffer)
-
-
-TOO_MANY_BODY = b'{"__type": "TooManyConnections", "message": "too many connections at once; retry"}'
-TOO_MANY_CONNECTIONS = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
-                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(TOO_MANY_BODY), TOO_MANY_BODY))
-
-
-class Server(http.server.ThreadingHTTPServer):
-    """A thread per connection, at most max_clients at once (over that: 429 and close),
-    listening on one loopback address. Threads are daemons: an idle keep-alive
-    connection never holds up the exit."""
-
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 128
-
-    def __init__(self, address, family, service, slots, in_flight):
-        self.address_family = family
-        self.service = service
-        self.slots = slots                  # shared by the IPv4 and IPv6 listeners
-        self.in_flight = in_flight          # shared counter of requests being answered
-        self.read_timeout = service.config.read_timeout_ms / 1000.0
-        super().__init__(address, Handler)
-
-    def server_bind(self):
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        # Skip HTTPServer.server_bind: it looks up the host name (socket.getfqdn), which
-        # costs start-up time and may wait on DNS; we never need it.
-        socket.socket.setsockopt(self.socket, socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind(self.server_address)
-        self.server_address = self.socket.getsockname()
-        self.server_name, self.server_port = "localhost", self.server_address[1]
-
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
+        while True:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise socket.timeout("the request did not arrive in time")
             try:
-                request.setblocking(False)
-                try:
-                    request.recv(65536)  # drain what was sent, so close() does not reset
-                except OSError:
-                    pass
-                request.sendall(TOO_MANY_CONNECTIONS)
+                return self.connection.recv_into(buffer)
+            except socket.timeout:
+                if self.deadline is not None:
+                    raise
+
+
+class Clients:
+    """The inbound connections open at once: at most max_clients.
+
+    A newcomer over the limit takes the place of the connection idle longest (waiting
+    between requests with nothing pending), which is closed; with none idle it is
+    refused. Lock rule: self._lock guards self._open and is held for set operations and
+    zero-timeout checks only; the eviction itself happens after it is released."""
+
+    def __init__(self, max_clients):
+        self.max_clients = max_clients
+        self._open = set()
+        self._lock = threading.Lock()
+
+    def admit(self, sock):
+        """A _ClientReader for sock, or None when every place is taken by a busy one."""
+        victim = None
+        with self._lock:
+            if len(self._open) >= self.max_clients:
+                victim = self._idle_longest()
+                if victim is None:
+                    return None
+                self._open.discard(victim)
+            reader = _ClientReader(sock)
+            self._open.add(reader)
+        if victim is not None:
+            try:  # wakes its thread, which sees the end of the stream and finishes
+                victim.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
+        return reader
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+    def _idle_longest(self):
+        idle = sorted((reader for reader in self._open if reader.deadline is None), key=lambda r: r.idle_since)
+        for reader in idle:
+            try:
+                pending, _, _ = select.select([reader.connection], [], [], 0)
+            except (OSError, ValueError):
+                pending = True
+            if not pending:  # bytes waiting are a request on its way: not idle after all
+                return reader
+        return None
 
-    def handle_error(self, request, client_address):
-        # A failure inside a connection (reset by the peer, a bug): one line, no traceback
-        # that could quote request data, and the server goes on serving.
-        error = sys.exc_info()[1]
-        self.service.log.debug(f"connection ended with {type(error).__name__}")
+    def remove(self, reader):
+        with self._lock:
+            self._open.discard(reader)
+
+    def __len__(self):
+        with self._lock:
+            return len(self._open)
 
 
 class Gauge:
@@ -1458,77 +2039,176 @@ class Gauge:
 
     def __init__(self):
         self.value = 0
-        self.lock = threading.Lock()
+        self._lock = threading.Lock()
 
     def change(self, delta):
-        with self.lock:
+        with self._lock:
             self.value += delta
 
-    def wait_zero(self, timeout, clock=time.monotonic):
+    def wait_zero(self, timeout, clock=time.monotonic, sleep=time.sleep):
         deadline = clock() + timeout
         while self.value:
             if clock() >= deadline:
                 return False
-            time.sleep(0.01)
+            sleep(0.005)
         return True
 
 
-class PortInUse(Exception):
-    pass
+def serve_connection(reader, service, in_flight, read_timeout):
+    """Answer the requests of one connection until it ends or must close."""
+    sock = reader.connection
+    rfile = io.BufferedReader(reader)
+    while True:
+        reader.deadline = None
+        reader.idle_since = time.monotonic()
+        if not rfile.peek(1):  # idle until the next request's first byte (or the end)
+            return
+        reader.deadline = time.monotonic() + read_timeout
+        try:
+            head = read_request_head(rfile)
+        except ClientError as error:
+            service.log.debug(f"refused a malformed request: {error.status} {error.error_type}")
+            sock.sendall(format_response(*error_answer(error), "close"))
+            return
+        if head is None:
+            return
+        method, target, version, headers = head
+        keep, connection = connection_after(method, version, headers)
+        in_flight.change(+1)  # the stop waits for these to be answered
+        try:
+            status, extra, body = service.answer(method, target, headers)
+        finally:
+            in_flight.change(-1)
+        sock.sendall(format_response(status, extra, body, connection))
+        if not keep:
+            return
 
 
 class Listener:
-    """The servers on 127.0.0.1 and (where the host has it) ::1, each in its own thread."""
+    """The listening sockets on 127.0.0.1 and (where the host has it) ::1, one accept
+    thread for both, and a thread per admitted connection."""
 
     def __init__(self, service, port):
         self.service = service
-        slots = threading.BoundedSemaphore(service.config.max_clients)
+        self.read_timeout = service.config.read_timeout_ms / 1000.0
+        self.clients = Clients(service.config.max_clients)
         self.in_flight = Gauge()
-        self.servers = []
-        try:
-            self.servers.append(Server(("127.0.0.1", port), socket.AF_INET, service, slots, self.in_flight))
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise PortInUse(f"port {port} on 127.0.0.1 is already in use")
-            raise
+        self.sockets = [self._bind(socket.AF_INET, ("127.0.0.1", port), "127.0.0.1")]
         # `localhost` may resolve to ::1 first; answering there spares callers a refused
-        # first attempt. No IPv6 on the host is fine.
+        # first attempt. No IPv6 on the host is fine; ::1 taken by another process is
+        # not: callers whose localhost is ::1 would hand that process their token.
         if socket.has_ipv6:
             try:
-                self.servers.append(Server(("::1", port, 0, 0), socket.AF_INET6, service, slots, self.in_flight))
+                self.sockets.append(self._bind(socket.AF_INET6, ("::1", port, 0, 0), "::1"))
+            except PortInUse:
+                self.sockets[0].close()
+                raise
             except OSError as error:
                 service.log.debug(f"not listening on [::1]:{port} ({error.strerror})")
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._thread = None
+
+    @staticmethod
+    def _bind(family, address, shown_host):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _limit_hops(sock)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError as error:
+            sock.close()
+            if error.errno == errno.EADDRINUSE:
+                raise PortInUse(f"port {address[1]} on {shown_host} is already in use")
+            raise
+        return sock
 
     def start(self):
-        for server in self.servers:
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                      name=f"listen-{server.server_address[0]}", daemon=True)
-            thread.start()
-        for server in self.servers:
-            host = server.server_address[0]
-            shown = f"[{host}]" if ":" in host else host
-            self.service.log.info(f"listening on {shown}:{server.server_address[1]}")
+        self._thread = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
+        self._thread.start()
+        for sock in self.sockets:
+            host, port = sock.getsockname()[:2]
+            self.service.log.info(f"listening on {f'[{host}]' if ':' in host else host}:{port}")
+
+    def _accept_loop(self):
+        selector = selectors.DefaultSelector()
+        for sock in self.sockets:
+            selector.register(sock, selectors.EVENT_READ)
+        selector.register(self._wake_reader, selectors.EVENT_READ)
+        try:
+            while True:
+                for key, _ in selector.select():
+                    if key.fileobj is self._wake_reader:
+                        return
+                    self._accept(key.fileobj)
+        finally:
+            selector.close()
+
+    def _accept(self, listening):
+        try:
+            sock, _ = listening.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as error:
+            # No descriptor or memory for it now (EMFILE, ENFILE, ENOBUFS): it stays in
+            # the backlog; pause rather than spin, and let a stop interrupt the pause.
+            self._log_safely("warn", f"accept failed ({errno.errorcode.get(error.errno, error.errno)}); "
+                                     "trying again shortly")
+            select.select([self._wake_reader], [], [], 0.05)
+            return
+        reader = None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _limit_hops(sock)
+            sock.settimeout(self.read_timeout)
+            reader = self.clients.admit(sock)
+            if reader is None:
+                _refuse(sock)
+                return
+            # _thread, not threading.Thread: Thread.start() waits for the new thread to
+            # report in, and under memory pressure that wait has been seen never to end
+            # (docs/pitfalls.md). Here a thread that cannot start is an exception.
+            _thread.start_new_thread(self._serve, (reader,))
+        except (OSError, RuntimeError, MemoryError) as error:
+            if reader is not None:
+                self.clients.remove(reader)
+            sock.close()
+            self._log_safely("warn", f"closed a connection that could not be served ({type(error).__name__})")
+
+    def _serve(self, reader):
+        try:
+            serve_connection(reader, self.service, self.in_flight, self.read_timeout)
+        except Exception as error:  # reset by the peer, a timeout, a bug: one line, no data
+            self._log_safely("debug", f"connection ended with {type(error).__name__}")
+        finally:
+            self.clients.remove(reader)
+            reader.connection.close()
+
+    def _log_safely(self, level, message):
+        try:
+            self.service.log.log(level, message)
+        except Exception:  # out of memory while logging: the server must go on all the same
+            pass
 
     def stop(self, grace):
-        """Stop accepting, then let requests in flight finish within grace seconds."""
-        # shutdown() waits for the serve loop's next poll: stop all listeners at once.
-        stoppers = [threading.Thread(target=server.shutdown) for server in self.servers]
-        for stopper in stoppers:
-            stopper.start()
-        for stopper, server in zip(stoppers, self.servers):
-            stopper.join()
-            server.server_close()
+        """Stop accepting at once, then let requests in flight finish within grace seconds."""
+        try:
+            self._wake_writer.send(b"x")
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(1.0)
+        for sock in self.sockets:
+            sock.close()
         if not self.in_flight.wait_zero(grace):
             self.service.log.warn("stopping with requests still in flight")
-
 
 # ---------------------------------------------------------------------------
 # Lambda lifecycle: the Extensions API
 # ---------------------------------------------------------------------------
-
-class ExtensionsApiError(Exception):
-    """The Extensions API refused a call (403 with errorType) or could not be reached."""
-
 
 class ExtensionsApi:
     """The calls an external extension makes, over the standard library's HTTP client:
@@ -1545,7 +2225,7 @@ class ExtensionsApi:
         try:
             connection.request(method, "/2020-01-01/extension" + path, body=body, headers=headers)
             response = connection.getresponse()
-            data = response.read()
+            data = response.read(MAX_ANSWER_BYTES)  # Lambda's answers are small; a cap all the same
         except (OSError, http.client.HTTPException) as error:
             raise ExtensionsApiError(f"{method} {path}: Extensions API unreachable ({type(error).__name__})")
         finally:
@@ -1584,10 +2264,6 @@ class ExtensionsApi:
 # main()
 # ---------------------------------------------------------------------------
 
-class Stop(Exception):
-    """Raised in the main thread by SIGTERM / SIGINT."""
-
-
 def _raise_stop(signum, frame):
     # Once stopping, further signals are ignored: a second SIGTERM must not interrupt
     # the orderly stop that the first one started.
@@ -1619,12 +2295,6 @@ def start_up(config, log):
     return service, listener
 
 
-class Fatal(Exception):
-    def __init__(self, error_type, message):
-        super().__init__(message)
-        self.error_type = error_type
-
-
 def report_summary(service, name, config, log):
     counts = service.stats.snapshot()
     log.info("summary: " + " ".join(f"{key}={counts[key]}" for key in Stats.NAMES))
@@ -1652,7 +2322,7 @@ def main(argv):
 
     # Signals go to the main thread only: block them before any thread starts (threads
     # inherit the mask), unblock here once they exist. Otherwise the kernel may deliver
-    # SIGTERM to a worker and the main thread sleeps on (pitfalls.md).
+    # SIGTERM to a worker and the main thread sleeps on (docs/pitfalls.md).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
@@ -1694,8 +2364,16 @@ def run_in_lambda(api, name, config, log, service, listener, fatal):
             log.error(str(fatal))
             api.report_error("init", fatal.error_type, str(fatal))
             return 2
+        snapshot = config.initialization_type == "snap-start"
         while True:
             event = api.next_event()
+            if snapshot:
+                # The first event after a SnapStart INIT comes in a restored copy of this
+                # process, maybe months later: nothing cached then is to be trusted.
+                snapshot = False
+                service.forget("snapshot restore detected")
+            else:
+                service.check_restore()
             if str(event.get("eventType", "")).upper() == "SHUTDOWN":
                 break
         reason = event.get("shutdownReason", "unknown")
