@@ -2086,10 +2086,12 @@ def serve_connection(reader, service, in_flight, read_timeout):
 
 class Listener:
     """The listening sockets on 127.0.0.1 and (where the host has it) ::1, one accept
-    thread for both, and a thread per admitted connection."""
+    thread for both, and a thread per admitted connection, started by start_thread
+    (function, args): _thread.start_new_thread, injectable for tests."""
 
-    def __init__(self, service, port):
+    def __init__(self, service, port, start_thread=_thread.start_new_thread):
         self.service = service
+        self.start_thread = start_thread
         self.read_timeout = service.config.read_timeout_ms / 1000.0
         self.clients = Clients(service.config.max_clients)
         self.in_flight = Gauge()
@@ -2171,7 +2173,7 @@ class Listener:
             # _thread, not threading.Thread: Thread.start() waits for the new thread to
             # report in, and under memory pressure that wait has been seen never to end
             # (docs/pitfalls.md). Here a thread that cannot start is an exception.
-            _thread.start_new_thread(self._serve, (reader,))
+            self.start_thread(self._serve, (reader,))
         except (OSError, RuntimeError, MemoryError) as error:
             if reader is not None:
                 self.clients.remove(reader)

@@ -1,0 +1,420 @@
+"""What a request means, decided by Service.answer without a socket: the token and its
+header rules, forwarding refusals, what an error body may echo, what is logged, the
+retry budget on a fake clock, the checks on AWS's answers, and the drop after a
+snapshot restore.
+
+The AWS side is a stub standing in for ServiceClient.call: it hands the render function
+a wire answer the test chooses, as the real client does after its HTTP exchange.
+"""
+
+import json
+
+import pytest
+
+import extension
+
+TOKEN = "token-0123456789-abcdefghij-0123456789"
+PARAMETER_ANSWER = {"Parameter": {"Name": "/app/p", "Type": "String", "Value": "the-value", "Version": 3,
+                                  "ARN": "arn:aws:ssm:us-east-1:123456789012:parameter/app/p",
+                                  "LastModifiedDate": 1668586960.362, "DataType": "text"}}
+SECRET_ANSWER = {"ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:app/s-AbCdEf", "Name": "app/s",
+                 "VersionId": "v1", "SecretString": "s3cr3t", "VersionStages": ["AWSCURRENT"],
+                 "CreatedDate": 1668586960.362}
+
+
+class Clock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, level, message):
+        self.lines.append((level, message))
+
+    def enabled(self, level):
+        return True
+
+    def debug(self, message):
+        self.log("debug", message)
+
+    def info(self, message):
+        self.log("info", message)
+
+    def warn(self, message):
+        self.log("warn", message)
+
+    def error(self, message):
+        self.log("error", message)
+
+
+class StubClient:
+    """Answers every call with answers[0] (or raises it), counting calls."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.calls = []
+
+    def call(self, target, payload, deadline, render):
+        self.calls.append((target, payload, deadline))
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return render(answer)
+
+    def close_idle(self):
+        pass
+
+
+def make_service(env=None, ssm=None, secrets=None):
+    config, _ = extension.load_config(dict({
+        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s", "AWS_TOKEN": TOKEN}, **(env or {})))
+    log = Log()
+    credentials = extension.CredentialProvider(config, log)
+    credentials.resolve()
+    clock, wall = Clock(), Clock(1_800_000_000.0)
+    service = extension.Service(config, log, credentials, clock=clock, wall=wall)
+    service.clients["ssm"] = ssm or StubClient(PARAMETER_ANSWER)
+    service.clients["secretsmanager"] = secrets or StubClient(SECRET_ANSWER)
+    return service, clock, wall, log
+
+
+def answer(service, target, headers=None, method="GET"):
+    if headers is None:
+        headers = [("x-aws-parameters-secrets-token", TOKEN)]
+    status, extra, body = service.answer(method, target, headers)
+    return status, dict(extra), json.loads(body)
+
+
+PARAMETER = "/systemsmanager/parameters/get?name=/app/p"
+
+
+# ------------------------------------------------------------------ the request
+
+
+def test_a_parameter_is_answered_and_then_a_hit():
+    service, _, _, _ = make_service()
+    status, headers, body = answer(service, PARAMETER)
+    assert (status, headers["X-Parameters-Secrets-Cache"], body["Parameter"]["Value"]) == (200, "miss", "the-value")
+    assert body["Parameter"]["LastModifiedDate"] == "2022-11-16T08:22:40.362Z"
+    assert answer(service, PARAMETER)[1]["X-Parameters-Secrets-Cache"] == "hit"
+    assert len(service.clients["ssm"].calls) == 1
+
+
+@pytest.mark.parametrize("tokens", [[TOKEN, "wrong"], ["wrong", TOKEN], [TOKEN, TOKEN]])
+def test_a_repeated_token_header_is_400_whatever_the_order(tokens):
+    service, _, _, _ = make_service()
+    status, _, body = answer(service, PARAMETER, [("x-aws-parameters-secrets-token", t) for t in tokens])
+    assert (status, body["__type"]) == (400, "RepeatedHeader")
+    assert service.clients["ssm"].calls == []
+
+
+@pytest.mark.parametrize("name", ["x-forwarded-for", "forwarded"])
+def test_forwarded_requests_are_refused_even_for_ping(name):
+    service, _, _, _ = make_service()
+    for target in (PARAMETER, "/ping"):
+        status, _, body = answer(service, target, [(name, "for=192.0.2.1"), ("x-aws-parameters-secrets-token", TOKEN)])
+        assert (status, body["__type"]) == (400, "ForwardedRequestRefused")
+
+
+def test_other_methods_are_405_with_allow():
+    service, _, _, _ = make_service()
+    status, headers, body = answer(service, PARAMETER, method="DELETE")
+    assert (status, headers, body["__type"]) == (405, {"Allow": "GET"}, "MethodNotAllowed")
+
+
+def test_missing_and_wrong_tokens():
+    service, _, _, _ = make_service()
+    assert answer(service, PARAMETER, [])[2]["__type"] == "MissingToken"
+    assert answer(service, PARAMETER, [("x-aws-parameters-secrets-token", "nope")])[0] == 403
+    assert answer(service, "/ping", [])[0] == 200
+
+
+def test_an_unknown_key_is_echoed_cut_to_16_characters():
+    service, _, _, log = make_service({"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug"})
+    status, _, body = answer(service, "/systemsmanager/parameters/get?name=/a&withdecryptionplease=true")
+    assert status == 400
+    assert body == {"__type": "UnknownQueryKey",
+                    "message": "unknown query key 'withdecryptionpl\u2026'; did you mean 'withDecryption'?"}
+    assert "withdecryptionplease" not in repr(log.lines)
+
+
+@pytest.mark.parametrize("key", [TOKEN, "x" + TOKEN + "y", TOKEN[5:30]])
+def test_an_unknown_key_that_looks_like_the_token_is_never_echoed(key):
+    service, _, _, log = make_service({"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug"})
+    status, _, body = answer(service, f"/systemsmanager/parameters/get?name=/a&{key}=1")
+    assert (status, body) == (400, {"__type": "UnknownQueryKey",
+                                    "message": "unknown query key (not shown: it looks like the token)"})
+    assert TOKEN[5:21] not in repr(log.lines)
+
+
+def test_a_name_that_is_the_token_never_comes_back_in_a_body_or_a_log():
+    # A token pasted as the name: AWS's message quotes the name; neither reaches the caller.
+    ssm = StubClient(extension.AwsError(400, "ParameterNotFound", f"Parameter {TOKEN} not found."))
+    service, _, _, log = make_service({"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug"}, ssm=ssm)
+    status, _, body = answer(service, f"/systemsmanager/parameters/get?name={TOKEN}")
+    assert (status, body["__type"]) == (400, "ParameterNotFound")
+    assert TOKEN not in json.dumps(body)
+    assert TOKEN not in repr(log.lines)
+
+
+def test_a_failed_request_logs_the_name_at_debug_with_control_characters_escaped():
+    ssm = StubClient(extension.AwsError(400, "ParameterNotFound", ""))
+    service, _, _, log = make_service({"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug"}, ssm=ssm)
+    answer(service, "/systemsmanager/parameters/get?name=/app/%C2%9B31m")  # U+009B: CSI
+    assert log.lines[-1] == ("debug", "GET /systemsmanager/parameters/get (ssm '/app/\\x9b31m') -> "
+                                      "400 ParameterNotFound: ParameterNotFound (400)")
+
+
+def test_an_internal_error_is_a_500_whose_log_line_says_where():
+    class Broken(StubClient):
+        def call(self, *args):
+            raise KeyError("a value that must not be logged")
+
+    service, _, _, log = make_service(ssm=Broken())
+    status, _, body = answer(service, PARAMETER)
+    assert (status, body["__type"]) == (500, "InternalError")
+    level, message = log.lines[-1]
+    assert level == "error"
+    assert message.startswith("internal error: KeyError at test_policy.py:")
+    assert message.endswith(" in call")
+    assert "must not be logged" not in message
+
+
+# ------------------------------------------------------------------ AWS's answers
+
+
+@pytest.mark.parametrize("wire", [
+    None, [], "x", {}, {"Parameter": None}, {"Parameter": []},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], Name=5)},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], Value=None)},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], Value={"a": 1})},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], Version="3")},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], Version=True)},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], Version=-1)},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], Type="Other")},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], LastModifiedDate=1e300)},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], LastModifiedDate=-1)},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], LastModifiedDate=float("nan"))},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], LastModifiedDate="yesterday")},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], ARN=["x"])},
+    {"Parameter": dict(PARAMETER_ANSWER["Parameter"], Name="/app/other",
+                       ARN="arn:aws:ssm:us-east-1:123456789012:parameter/app/other")},
+])
+def test_a_parameter_answer_of_the_wrong_shape_or_name_is_invalid(wire):
+    with pytest.raises(extension.UpstreamInvalidResponse):
+        extension.render_parameter(wire, "/app/p", None)
+
+
+@pytest.mark.parametrize("asked, name, arn", [
+    ("/app/p", "/app/p", "arn:aws:ssm:us-east-1:1:parameter/app/p"),
+    ("/app/p:3", "/app/p", "arn:aws:ssm:us-east-1:1:parameter/app/p"),
+    ("/app/p:prod", "/app/p", "arn:aws:ssm:us-east-1:1:parameter/app/p"),
+    ("p", "p", "arn:aws:ssm:us-east-1:1:parameter/p"),
+    ("arn:aws:ssm:us-east-1:1:parameter/app/p", "/app/p", "arn:aws:ssm:us-east-1:1:parameter/app/p"),
+    ("arn:aws:ssm:us-east-1:1:parameter/p", "p", "arn:aws:ssm:us-east-1:1:parameter/p"),
+    ("arn:aws:ssm:us-east-1:1:parameter/app/p:2", "/app/p", "arn:aws:ssm:us-east-1:1:parameter/app/p"),
+    ("arn:aws:ssm:us-east-1:2:parameter/shared", "arn:aws:ssm:us-east-1:2:parameter/shared", ""),
+    # AWS names a Secrets Manager reference by its path; moto by the secret's name.
+    ("/aws/reference/secretsmanager/app/db", "/aws/reference/secretsmanager/app/db", ""),
+    ("/aws/reference/secretsmanager/app/db", "app/db", ""),
+])
+def test_parameter_names_that_match(asked, name, arn):
+    assert extension.parameter_names_match(asked, name, arn)
+
+
+@pytest.mark.parametrize("asked, name, arn", [
+    ("/app/p", "/app/q", "arn:aws:ssm:us-east-1:1:parameter/app/q"),
+    ("/app/p:3", "/app/p:4", ""),
+    ("arn:aws:ssm:us-east-1:1:parameter/app/p", "/app/q", "arn:aws:ssm:us-east-1:1:parameter/app/q"),
+])
+def test_parameter_names_that_do_not_match(asked, name, arn):
+    assert not extension.parameter_names_match(asked, name, arn)
+
+
+@pytest.mark.parametrize("asked, expected", [
+    ("app/s", True), (SECRET_ANSWER["ARN"], True),
+    ("arn:aws:secretsmanager:us-east-1:123456789012:secret:app/s", True),   # partial ARN
+    ("app/t", False), ("arn:aws:secretsmanager:us-east-1:123456789012:secret:app", False),
+])
+def test_secret_ids(asked, expected):
+    assert extension.secret_ids_match(asked, SECRET_ANSWER["Name"], SECRET_ANSWER["ARN"]) is expected
+
+
+@pytest.mark.parametrize("change", [
+    {"Name": None}, {"ARN": 7}, {"VersionId": None}, {"SecretString": 5},
+    {"SecretString": None, "SecretBinary": None}, {"VersionStages": "AWSCURRENT"},
+    {"VersionStages": [1]}, {"CreatedDate": 1e300}, {"Name": "other", "ARN": "arn:other-AbCdEf"},
+])
+def test_a_secret_answer_of_the_wrong_shape_or_name_is_invalid(change):
+    with pytest.raises(extension.UpstreamInvalidResponse):
+        extension.render_secret(dict(SECRET_ANSWER, **change), "app/s")
+
+
+def test_an_invalid_answer_is_502_and_not_cached():
+    ssm = StubClient({"Parameter": None})
+    service, _, _, _ = make_service(ssm=ssm)
+    for _ in range(2):
+        status, _, body = answer(service, PARAMETER)
+        assert (status, body["__type"]) == (502, "UpstreamInvalidResponse")
+    assert len(ssm.calls) == 2
+
+
+@pytest.mark.parametrize("data", [b"[" * 100000, b"{" * 100000, b"\xff\xfe garbage", b'{"__type": ["x"]}',
+                                  b'{"__type": "bad type with spaces", "message": 5}', b"null"])
+def test_any_error_body_gives_a_clean_error(data):
+    error = extension.aws_error(400, data)
+    assert (error.status, error.error_type, error.message) == (400, "UnknownError", "")
+
+
+# ------------------------------------------------------------------ budgets on a fake clock
+
+
+def make_client(clock, sleep=None, attempts=None):
+    log = Log()
+    config, _ = extension.load_config({"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "k",
+                                       "AWS_SECRET_ACCESS_KEY": "s"})
+    credentials = extension.CredentialProvider(config, log)
+    credentials.resolve()
+    client = extension.ServiceClient("ssm", "http://127.0.0.1:9", "us-east-1", credentials, 1,
+                                     extension.Stats(), log, clock, sleep or (lambda seconds: None))
+    if attempts is not None:
+        client._attempt = attempts
+    return client
+
+
+def test_an_attempt_that_is_not_the_last_gets_half_of_what_is_left():
+    clock = Clock(100.0)
+    client = make_client(clock)
+    assert client.attempt_deadline(110.0, attempts_left=3) == 105.0
+    assert client.attempt_deadline(110.0, attempts_left=1) == 110.0
+    assert client.attempt_deadline(None, attempts_left=3) == 100.0 + extension.ATTEMPT_TIMEOUT_WITHOUT_BUDGET
+    clock.now = 110.0
+    with pytest.raises(extension.UpstreamTimeout):
+        client.attempt_deadline(110.0, attempts_left=2)
+
+
+def test_retries_stop_when_the_backoff_would_pass_the_deadline():
+    clock = Clock(100.0)
+    slept = []
+
+    def attempts(target, body, credentials, deadline, attempts_left):
+        clock.now = deadline  # the attempt failed just as the budget ran out
+        raise extension.UpstreamUnreachable("down")
+
+    def sleep(seconds):
+        slept.append(seconds)
+        clock.now += seconds
+
+    client = make_client(clock, sleep, attempts)
+    with pytest.raises(extension.UpstreamUnreachable):
+        client.call("AmazonSSM.GetParameter", {}, 100.5, lambda answer: answer)
+    assert slept == []  # no backoff fits in what is left: no sleep, no second attempt
+
+
+def test_three_attempts_at_most_with_backoff_between():
+    clock = Clock(100.0)
+    slept, seen = [], []
+
+    def attempts(target, body, credentials, deadline, attempts_left):
+        seen.append(attempts_left)
+        raise extension.UpstreamTimeout("slow")
+
+    client = make_client(clock, slept.append, attempts)
+    with pytest.raises(extension.UpstreamTimeout):
+        client.call("AmazonSSM.GetParameter", {}, None, lambda answer: answer)
+    assert seen == [3, 2, 1]
+    assert len(slept) == 2 and all(0 <= s <= extension.BACKOFF_CAP for s in slept)
+
+
+@pytest.mark.parametrize("error", [extension.ConnectionsBusy("busy"), extension.CredentialsUnavailable("no"),
+                                   extension.AwsError(400, "ParameterNotFound", "")])
+def test_errors_that_are_not_retried(error):
+    seen = []
+
+    def attempts(*args):
+        seen.append(1)
+        raise error
+
+    client = make_client(Clock(), attempts=attempts)
+    with pytest.raises(type(error)):
+        client.call("AmazonSSM.GetParameter", {}, None, lambda answer: answer)
+    assert seen == [1]
+
+
+def test_an_invalid_answer_is_retried():
+    answers = iter([{"Parameter": None}, PARAMETER_ANSWER])
+    client = make_client(Clock(), attempts=lambda *args: next(answers))
+    body = client.call("AmazonSSM.GetParameter", {}, None, lambda a: extension.render_parameter(a, "/app/p", None))
+    assert json.loads(body)["Parameter"]["Value"] == "the-value"
+
+
+# ------------------------------------------------------------------ snapshot restore
+
+
+def test_a_wall_clock_jump_drops_the_cache():
+    service, clock, wall, log = make_service()
+    answer(service, PARAMETER)
+    clock.now += 5
+    wall.now += 5 + extension.RESTORE_JUMP_SECONDS  # within the jump allowance: nothing happens
+    assert answer(service, PARAMETER)[1]["X-Parameters-Secrets-Cache"] == "hit"
+    wall.now += 1  # now 11 s more than the monotonic clock moved
+    assert answer(service, PARAMETER)[1]["X-Parameters-Secrets-Cache"] == "miss"
+    assert ("info", "snapshot restore detected: cache and credentials dropped") in log.lines
+    assert answer(service, PARAMETER)[1]["X-Parameters-Secrets-Cache"] == "hit"  # once only
+    assert [line for line in log.lines if "restore" in line[1]] == [
+        ("info", "snapshot restore detected: cache and credentials dropped")]
+
+
+def test_a_freeze_moves_both_clocks_and_drops_nothing():
+    service, clock, wall, log = make_service()
+    answer(service, PARAMETER)
+    clock.now += 200
+    wall.now += 200  # a Lambda freeze: the monotonic clock ran on
+    assert answer(service, PARAMETER)[1]["X-Parameters-Secrets-Cache"] == "hit"
+    assert not [line for line in log.lines if "restore" in line[1]]
+
+
+def test_container_credentials_are_dropped_and_judged_on_the_wall_clock():
+    config, _ = extension.load_config({"AWS_REGION": "us-east-1",
+                                       "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://127.0.0.1:9/creds"})
+    wall = Clock(1_800_000_000.0)
+    provider = extension.CredentialProvider(config, Log(), wall=wall, clock=Clock())
+    provider.resolve()
+    fetched = []
+
+    def from_container(deadline):
+        fetched.append(deadline)
+        return extension.Credentials("ASIA", "secret", "token", wall.now + 3600)
+
+    provider._from_container = from_container
+    provider.get()
+    provider.get()
+    assert len(fetched) == 1
+    wall.now += 3600 - extension.REFRESH_WINDOW_SECONDS + 1  # near expiry by the wall clock
+    provider.get()
+    assert len(fetched) == 2
+    provider.forget()
+    provider.get()
+    assert len(fetched) == 3
+
+
+def test_a_relative_container_uri_must_start_with_a_slash():
+    config, _ = extension.load_config({"AWS_REGION": "us-east-1",
+                                       "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": "@127.0.0.1:9/x"})
+    with pytest.raises(extension.CredentialsError, match="AWS_CONTAINER_CREDENTIALS_RELATIVE_URI must start"):
+        extension.CredentialProvider(config, Log()).resolve()
+
+
+@pytest.mark.parametrize("url", ["ftp://user:pa55word@host", "https://user:pa55word@ssm.example.com"])
+def test_an_endpoint_url_with_a_password_is_refused_without_printing_it(url):
+    config, _ = extension.load_config({"AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": url})
+    assert config.endpoint_error is not None
+    assert "pa55word" not in config.endpoint_error and "user:" not in config.endpoint_error
+    assert "***@" in config.endpoint_error

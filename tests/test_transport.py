@@ -1,0 +1,260 @@
+"""The HTTP transport, in process: request heads, keep-alive decisions, admission, and an
+accept loop that survives a thread that cannot start.
+
+read_request_head and connection_after are pure enough to drive with io.BytesIO; the
+Listener runs on 127.0.0.1 with a free port and a thread starter the test controls.
+"""
+
+import io
+import socket
+import threading
+
+import pytest
+
+import extension
+from conftest import free_port, wait_for
+
+
+def head(data):
+    return extension.read_request_head(io.BufferedReader(io.BytesIO(data)))
+
+
+def refused(data):
+    with pytest.raises(extension.ClientError) as caught:
+        head(data)
+    return caught.value.status, caught.value.error_type
+
+
+# ------------------------------------------------------------------ request heads
+
+
+def test_a_plain_request_head():
+    assert head(b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Aws-Parameters-Secrets-Token:  t \r\n\r\n") == (
+        "GET", "/ping", "HTTP/1.1", [("host", "x"), ("x-aws-parameters-secrets-token", "t")])
+
+
+def test_repeated_headers_are_all_kept_in_order():
+    _, _, _, headers = head(b"GET / HTTP/1.1\r\nA: 1\r\na: 2\r\n\r\n")
+    assert headers == [("a", "1"), ("a", "2")]
+
+
+def test_bare_line_feeds_and_one_leading_empty_line_are_accepted():
+    assert head(b"\r\nGET / HTTP/1.0\nHost: x\n\n") == ("GET", "/", "HTTP/1.0", [("host", "x")])
+
+
+def test_end_of_stream_before_or_inside_a_head_is_no_request():
+    assert head(b"") is None
+    assert head(b"GET / HTTP/1.1\r\nHost: x\r\n") is None
+
+
+def test_headers_up_to_the_cap_are_read():
+    line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    count = (extension.MAX_HEADER_BYTES - 2) // len(line)
+    _, _, _, headers = head(b"GET / HTTP/1.1\r\n" + line * count + b"\r\n")
+    assert len(headers) == count
+
+
+def test_header_bytes_over_the_cap_are_431_before_the_rest_is_read():
+    line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    stream = io.BytesIO(b"GET / HTTP/1.1\r\n" + line * 40 + b"\r\n")
+    with pytest.raises(extension.ClientError) as caught:
+        extension.read_request_head(io.BufferedReader(stream, buffer_size=1024))
+    assert (caught.value.status, caught.value.error_type) == (431, "HeadersTooLarge")
+    # Reading stopped at the cap (plus what one buffer fill brings), not at the end.
+    assert stream.tell() <= len(b"GET / HTTP/1.1\r\n") + extension.MAX_HEADER_BYTES + 1024 + 1
+
+
+def test_one_huge_header_line_is_431():
+    assert refused(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n") == (431, "HeadersTooLarge")
+
+
+def test_more_than_100_header_lines_is_431():
+    assert refused(b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 101 + b"\r\n") == (431, "HeadersTooLarge")
+    assert head(b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 100 + b"\r\n") is not None
+
+
+@pytest.mark.parametrize("line", [b"X-Forwarded-For : 1.2.3.4", b"Transfer-Encoding\t: chunked",
+                                  b"No colon here", b"Bad(name): x", b": empty name"])
+def test_a_header_line_that_is_not_name_colon_value_is_400(line):
+    assert refused(b"GET / HTTP/1.1\r\n" + line + b"\r\n\r\n") == (400, "MalformedHeader")
+
+
+def test_obsolete_line_folding_is_400():
+    assert refused(b"GET / HTTP/1.1\r\nA: b\r\n  continued\r\n\r\n") == (400, "MalformedHeader")
+
+
+@pytest.mark.parametrize("line, expected", [
+    (b"GET /", (400, "BadRequest")),                          # HTTP/0.9
+    (b"GET / HTTP/1.1 extra", (400, "BadRequest")),
+    (b"GET / HTTQ/1.1", (400, "BadRequest")),
+    (b"G(T / HTTP/1.1", (400, "BadRequest")),
+    (b"GET / HTTP/2.0", (505, "HTTPVersionNotSupported")),
+    (b"PRI * HTTP/2.0", (505, "HTTPVersionNotSupported")),   # the HTTP/2 preface
+    (b"GET / HTTP/0.9", (505, "HTTPVersionNotSupported")),
+])
+def test_request_lines_that_cannot_be_served(line, expected):
+    assert refused(line + b"\r\n\r\n") == expected
+
+
+def test_a_request_line_over_64_KiB_is_414():
+    assert refused(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n") == (414, "RequestLineTooLong")
+
+
+# ------------------------------------------------------------------ keep-alive
+
+
+@pytest.mark.parametrize("method, version, headers, expected", [
+    ("GET", "HTTP/1.1", [], (True, None)),
+    ("GET", "HTTP/1.1", [("connection", "close")], (False, "close")),
+    ("GET", "HTTP/1.1", [("connection", "Keep-Alive, Upgrade")], (True, None)),
+    ("GET", "HTTP/1.0", [], (False, "close")),
+    ("GET", "HTTP/1.0", [("connection", "keep-alive")], (True, "keep-alive")),
+    # Java's HttpClient sends Content-Length: 0 on every GET: no body, so keep.
+    ("GET", "HTTP/1.1", [("content-length", "0")], (True, None)),
+    ("GET", "HTTP/1.1", [("content-length", "5")], (False, "close")),
+    ("GET", "HTTP/1.1", [("content-length", "0"), ("content-length", "0")], (False, "close")),
+    ("GET", "HTTP/1.1", [("transfer-encoding", "chunked")], (False, "close")),
+    ("POST", "HTTP/1.1", [], (False, "close")),
+])
+def test_connection_after(method, version, headers, expected):
+    assert extension.connection_after(method, version, headers) == expected
+
+
+def test_response_bytes():
+    assert extension.format_response(200, (("X-A", "b"),), b"{}", "keep-alive") == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nX-A: b\r\n"
+        b"Connection: keep-alive\r\n\r\n{}")
+
+
+# ------------------------------------------------------------------ the listener
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, level, message):
+        self.lines.append((level, message))
+
+    def enabled(self, level):
+        return True
+
+    def debug(self, message):
+        self.log("debug", message)
+
+    info = warn = error = debug
+
+
+def make_service(**env):
+    config, _ = extension.load_config(dict({
+        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s", "AWS_TOKEN": "token-for-the-transport-tests"}, **env))
+    log = Log()
+    credentials = extension.CredentialProvider(config, log)
+    credentials.resolve()
+    return extension.Service(config, log, credentials)
+
+
+@pytest.fixture
+def listening():
+    """Start a Listener whose thread starter the test may make fail; stopped afterwards."""
+    started = []
+
+    def start(start_thread=None, **env):
+        service = make_service(**env)
+        listener = extension.Listener(service, free_port(),
+                                      start_thread or extension._thread.start_new_thread)
+        listener.start()
+        started.append(listener)
+        return listener
+
+    yield start
+    for listener in started:
+        listener.stop(0.5)
+
+
+def ping(port, host="127.0.0.1"):
+    """The bytes answered to GET /ping; b"" when the server closed without answering (a
+    close with the request unread is a reset, as TCP has it)."""
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+
+def test_a_thread_that_cannot_start_closes_that_connection_only(listening):
+    failures = iter([RuntimeError("can't start new thread"), MemoryError()])
+
+    def start_thread(function, args):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        threading.Thread(target=function, args=args, daemon=True).start()
+
+    listener = listening(start_thread)
+    port = listener.sockets[0].getsockname()[1]
+    assert ping(port) == b""  # RuntimeError: closed, unanswered
+    assert ping(port) == b""  # MemoryError: the same
+    assert ping(port).startswith(b"HTTP/1.1 200 OK")
+    if len(listener.sockets) == 2:
+        assert ping(port, "::1").startswith(b"HTTP/1.1 200 OK")
+    assert len(listener.clients) == 0 or wait_for(lambda: len(listener.clients) == 0, timeout=5)
+    warnings = [message for level, message in listener.service.log.lines if level == "warn"]
+    assert warnings == ["closed a connection that could not be served (RuntimeError)",
+                        "closed a connection that could not be served (MemoryError)"]
+
+
+def test_accepted_connections_carry_ip_ttl_1(listening):
+    seen = []
+
+    def start_thread(function, args):
+        reader = args[0]
+        sock = reader.connection
+        if sock.family == socket.AF_INET6:
+            seen.append(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS))
+        else:
+            seen.append(sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL))
+        threading.Thread(target=function, args=args, daemon=True).start()
+
+    listener = listening(start_thread)
+    port = listener.sockets[0].getsockname()[1]
+    ping(port)
+    if len(listener.sockets) == 2:
+        ping(port, "::1")
+    assert seen == [1] * len(listener.sockets)
+
+
+def test_stop_returns_at_once_with_nothing_in_flight(listening):
+    listener = listening()
+    stopped = threading.Event()
+    threading.Thread(target=lambda: (listener.stop(1.0), stopped.set()), daemon=True).start()
+    assert stopped.wait(1.0)  # well under the old 200 ms poll plus the grace: no poll at all
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", listener.sockets[0].getsockname()[1]), timeout=1)
+
+
+def test_port_taken_on_ipv6_loopback_refuses_to_start():
+    try:
+        blocker = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        blocker.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        blocker.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this host has no ::1")
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    try:
+        with pytest.raises(extension.PortInUse, match=rf"^port {port} on ::1 is already in use$"):
+            extension.Listener(make_service(), port)
+        # 127.0.0.1 was released again: a listener can take the port once ::1 is free.
+        blocker.close()
+        listener = extension.Listener(make_service(), port)
+        listener.stop(0)
+    finally:
+        blocker.close()
