@@ -248,30 +248,36 @@ def error_answer(error):
 # rotated secret still shows within the hour.
 TTL_CEILING = 3600
 
-# (variable, Config field, default, minimum, maximum or None). Out-of-range values are
-# clamped with a WARN; values that are not whole numbers fall back to the default.
-INTEGER_SETTINGS = (
-    ("SSM_PARAMETER_STORE_TIMEOUT_MILLIS", "ssm_timeout_ms", 0, 0, None),
-    ("SECRETS_MANAGER_TIMEOUT_MILLIS", "secrets_timeout_ms", 0, 0, None),
-    ("SSM_PARAMETER_STORE_TTL", "ssm_ttl", 300, 0, TTL_CEILING),
-    ("SECRETS_MANAGER_TTL", "secrets_ttl", 300, 0, TTL_CEILING),
-    ("PARAMETERS_SECRETS_EXTENSION_CACHE_SIZE", "cache_size", 1000, 0, 1000),
-    ("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT", "port", 2773, 1, 65535),
-    ("PARAMETERS_SECRETS_EXTENSION_MAX_CONNECTIONS", "max_connections", 3, 1, None),
-    ("PARAMETERS_SECRETS_EXTENSION_MAX_STALE_SECONDS", "max_stale_seconds", 300, 0, 86400),
-    ("PARAMETERS_SECRETS_EXTENSION_MAX_CLIENTS", "max_clients", 64, 1, 1024),
-    ("PARAMETERS_SECRETS_EXTENSION_READ_TIMEOUT_MILLIS", "read_timeout_ms", 10000, 100, 600000),
-)
-# A port out of range is not clamped (port 0 or 1 is never what was meant): default.
-NOT_CLAMPED = {"PARAMETERS_SECRETS_EXTENSION_HTTP_PORT"}
-
-# (variable, Config field, default, accepted values; compared in lower case)
-CHOICE_SETTINGS = (
-    ("PARAMETERS_SECRETS_EXTENSION_CACHE_ENABLED", "cache_enabled", "true", ("true", "false")),
-    ("PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL", "log_level", "info",
+# The extension's own settings, the one table from which Config's fields, their
+# defaults and their checks come (the docstring's table is checked against it by
+# tests/test_config.py). accepted is either (minimum, maximum or None) for a whole
+# number, clamped into range with a WARN (the port excepted: see CLAMPED), or the words
+# accepted, compared in lower case. A value that fails falls back to the default.
+SETTINGS = (
+    # variable                                          Config field         default  accepted
+    ("SSM_PARAMETER_STORE_TIMEOUT_MILLIS",              "ssm_timeout_ms",     0,      (0, None)),
+    ("SECRETS_MANAGER_TIMEOUT_MILLIS",                  "secrets_timeout_ms", 0,      (0, None)),
+    ("SSM_PARAMETER_STORE_TTL",                         "ssm_ttl",            300,    (0, TTL_CEILING)),
+    ("SECRETS_MANAGER_TTL",                             "secrets_ttl",        300,    (0, TTL_CEILING)),
+    ("PARAMETERS_SECRETS_EXTENSION_CACHE_ENABLED",      "cache_enabled",      "true", ("true", "false")),
+    ("PARAMETERS_SECRETS_EXTENSION_CACHE_SIZE",         "cache_size",         1000,   (0, 1000)),
+    ("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT",          "port",               2773,   (1, 65535)),
+    ("PARAMETERS_SECRETS_EXTENSION_MAX_CONNECTIONS",    "max_connections",    3,      (1, None)),
+    ("PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL",          "log_level",          "info",
      ("debug", "info", "warn", "error", "none")),
-    ("PARAMETERS_SECRETS_EXTENSION_METRICS", "metrics", "none", ("none", "emf")),
+    ("PARAMETERS_SECRETS_EXTENSION_MAX_STALE_SECONDS",  "max_stale_seconds",  300,    (0, 86400)),
+    ("PARAMETERS_SECRETS_EXTENSION_MAX_CLIENTS",        "max_clients",        64,     (1, 1024)),
+    ("PARAMETERS_SECRETS_EXTENSION_READ_TIMEOUT_MILLIS", "read_timeout_ms",   10000,  (100, 600000)),
+    ("PARAMETERS_SECRETS_EXTENSION_METRICS",            "metrics",            "none", ("none", "emf")),
 )
+# Out of range, a port is not clamped but falls back to the default: port 1 or 65535 is
+# never what someone who wrote 0 or 70000 meant.
+NOT_CLAMPED = frozenset(("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT",))
+
+def _typed(value, accepted):
+    """A setting's value as Config holds it: true / false settings as booleans."""
+    return value == "true" if accepted == ("true", "false") else value
+
 
 # Every variable we read. A variable that is not one of these but looks like one
 # (PARAMETERS_AND_SECRETS_EXTENSION_CACHE_SIZE, SECRET_MANAGER_TTL) earns a WARN naming
@@ -285,7 +291,7 @@ SDK_VARIABLES = (
     "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
     "AWS_LAMBDA_LOG_FORMAT", "AWS_LAMBDA_RUNTIME_API", "AWS_LAMBDA_INITIALIZATION_TYPE",
 )
-OUR_VARIABLES = tuple(row[0] for row in INTEGER_SETTINGS + CHOICE_SETTINGS) + (
+OUR_VARIABLES = tuple(row[0] for row in SETTINGS) + (
     "PARAMETERS_SECRETS_EXTENSION_PREFETCH",
     "PARAMETERS_SECRETS_EXTENSION_PYTHON",  # read by bootstrap, not here
 )
@@ -295,12 +301,10 @@ KNOWN_VARIABLES = frozenset(OUR_VARIABLES + SDK_VARIABLES)
 NEAR_MISS_WORDS = ("PARAMETER", "SECRET", "SSM", "EXTENSION", "ENDPOINT_URL")
 
 
-# (field, default): what load_config fills in from the environment.
-CONFIG_FIELDS = (
-    ("port", 2773), ("ssm_timeout_ms", 0), ("secrets_timeout_ms", 0), ("ssm_ttl", 300),
-    ("secrets_ttl", 300), ("cache_enabled", True), ("cache_size", 1000), ("max_connections", 3),
-    ("log_level", "info"), ("max_stale_seconds", 300), ("max_clients", 64), ("read_timeout_ms", 10000),
-    ("prefetch", ()), ("metrics", "none"), ("log_format", "text"),
+# Config's fields: the settings above, then what load_config derives from the rest of
+# the environment (None where absent).
+CONFIG_FIELDS = tuple((field, _typed(default, accepted)) for _, field, default, accepted in SETTINGS) + (
+    ("prefetch", ()), ("log_format", "text"),
     ("region", None), ("ssm_endpoint", None), ("secrets_endpoint", None), ("endpoint_error", None),
     ("lambda_runtime_api", None), ("initialization_type", None), ("home", None),
     ("request_token", None), ("access_key_id", None), ("secret_access_key", None), ("session_token", None),
@@ -333,42 +337,41 @@ def _present(environ, name):
     return value if value else None
 
 
+def _whole_number(variable, raw, default, minimum, maximum):
+    """(value, WARN message or None) for a whole-number setting, clamped into range."""
+    if not re.fullmatch(r"\s*[+-]?\d+\s*", raw):
+        return default, f"{variable}={raw!r} is not a whole number, using default {default}"
+    value = int(raw)
+    if variable in NOT_CLAMPED and not minimum <= value <= maximum:
+        return default, f"{variable}={value} is outside {minimum}-{maximum}, using default {default}"
+    if value < minimum:
+        return minimum, f"{variable}={value} is below the minimum {minimum}, using {minimum}"
+    if maximum is not None and value > maximum:
+        return maximum, f"{variable}={value} is above the maximum {maximum}, using {maximum}"
+    return value, None
+
+
 def load_config(environ):
     """Read the environment once. Returns (Config, [(level, message), ...]) without logging,
     so that it stays a pure function and the caller logs once its logger exists."""
     messages = []
     values = {}
-    for variable, name, default, minimum, maximum in INTEGER_SETTINGS:
+    for variable, name, default, accepted in SETTINGS:
         raw = environ.get(variable)
-        value = default
         if raw is None:
             messages.append(("debug", f"{variable} not present, using default {default}"))
-        elif not re.fullmatch(r"\s*[+-]?\d+\s*", raw):
-            messages.append(("warn", f"{variable}={raw!r} is not a whole number, using default {default}"))
-        else:
-            value = int(raw)
-            if variable in NOT_CLAMPED and not minimum <= value <= maximum:
-                messages.append(("warn", f"{variable}={value} is outside {minimum}-{maximum}, using default {default}"))
-                value = default
-            elif value < minimum:
-                messages.append(("warn", f"{variable}={value} is below the minimum {minimum}, using {minimum}"))
-                value = minimum
-            elif maximum is not None and value > maximum:
-                messages.append(("warn", f"{variable}={value} is above the maximum {maximum}, using {maximum}"))
-                value = maximum
-        values[name] = value
-    for variable, name, default, accepted in CHOICE_SETTINGS:
-        raw = environ.get(variable)
-        value = default
-        if raw is None:
-            messages.append(("debug", f"{variable} not present, using default {default}"))
+            value = default
+        elif isinstance(default, int):
+            value, message = _whole_number(variable, raw, default, *accepted)
+            if message:
+                messages.append(("warn", message))
         elif raw.strip().lower() in accepted:
             value = raw.strip().lower()
         else:
             messages.append(("warn", f"{variable}={raw!r} is not one of {', '.join(accepted)} (any case), "
                                      f"using default {default}"))
-        values[name] = value
-    values["cache_enabled"] = values["cache_enabled"] == "true"
+            value = default
+        values[name] = _typed(value, accepted)
 
     prefetch = environ.get("PARAMETERS_SECRETS_EXTENSION_PREFETCH", "")
     values["prefetch"] = tuple(entry for entry in re.split(r"[\s,]+", prefetch) if entry)
@@ -487,7 +490,7 @@ class Logger:
         self.threshold = LEVELS[level]
         self.json = log_format == "json"
         self.stream = stream or sys.stderr
-        self.lock = threading.Lock()
+        self._lock = threading.Lock()
 
     def enabled(self, level):
         return LEVELS[level] >= self.threshold
@@ -501,7 +504,7 @@ class Logger:
                                "extension": self.name})
         else:
             line = f"[{self.name}] {level.upper()} {message}"
-        with self.lock:  # one writer at a time, so lines from threads never interleave
+        with self._lock:  # one writer at a time, so lines from threads never interleave
             try:
                 self.stream.write(line + "\n")
                 self.stream.flush()
@@ -1264,6 +1267,11 @@ def render_secret(answer, asked):
 # Cache: TTL + LRU on two clocks, one AWS call per miss, stale answers
 # ---------------------------------------------------------------------------
 
+def describe_key(key):
+    """A key for a log line: service and name or id, never a value."""
+    return f"{key[0]} {shown(repr(key[1]))}"
+
+
 class TTLCache:
     """A least-recently-used cache whose entries also expire.
 
@@ -1421,7 +1429,7 @@ class Store:
                 raise flight.error
             return flight.value, flight.cache_status
         try:
-            flight.value, flight.cache_status = self._fetch(key, call, ttl, refresh)
+            flight.value, flight.cache_status = self._miss(key, call, ttl, refresh)
         except BaseException as error:
             flight.error = error
             raise
@@ -1431,7 +1439,7 @@ class Store:
             flight.done.set()
         return flight.value, flight.cache_status
 
-    def _fetch(self, key, call, ttl, refresh):
+    def _miss(self, key, call, ttl, refresh):
         if ttl and not refresh:
             value = self.cache.get(key)  # filled by a flight that ended while we queued
             if value is not None:
@@ -1493,11 +1501,6 @@ class Store:
         self.cache.clear()
         with self._lock:
             self._refreshes.clear()
-
-
-def describe_key(key):
-    """A key for a log line: service and name or id, never a value."""
-    return f"{key[0]} {shown(repr(key[1]))}"
 
 # ---------------------------------------------------------------------------
 # Requests: query parsing, what each route looks up, and Service, where a request's
@@ -2212,14 +2215,22 @@ class Listener:
 # Lambda lifecycle: the Extensions API
 # ---------------------------------------------------------------------------
 
+# host:port as Lambda sets it (127.0.0.1:9001); a bracketed IPv6 host is accepted too.
+RUNTIME_API = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})")
+
+
 class ExtensionsApi:
     """The calls an external extension makes, over the standard library's HTTP client:
     Lambda's minimal images do not promise curl, and a process per event would compete
     for the function's small CPU share."""
 
     def __init__(self, runtime_api):
-        host, _, port = runtime_api.rpartition(":")
-        self.host, self.port = (host, int(port)) if host else (runtime_api, 80)
+        """runtime_api: AWS_LAMBDA_RUNTIME_API, host:port. Raises ValueError naming it."""
+        match = RUNTIME_API.fullmatch(runtime_api)
+        if match is None or not 0 < int(match.group(2)) < 65536:
+            raise ValueError(f"AWS_LAMBDA_RUNTIME_API={runtime_api!r} is not host:port")
+        self.host, self.port = match.group(1).strip("[]"), int(match.group(2))
+        self.address = runtime_api
         self.identifier = None
 
     def _call(self, method, path, headers, body=None, timeout=None):
@@ -2229,7 +2240,8 @@ class ExtensionsApi:
             response = connection.getresponse()
             data = response.read(MAX_ANSWER_BYTES)  # Lambda's answers are small; a cap all the same
         except (OSError, http.client.HTTPException) as error:
-            raise ExtensionsApiError(f"{method} {path}: Extensions API unreachable ({type(error).__name__})")
+            raise ExtensionsApiError(f"{method} {path}: Extensions API at {self.address} unreachable "
+                                     f"({type(error).__name__})")
         finally:
             connection.close()
         if response.status >= 300:
@@ -2314,7 +2326,20 @@ def report_summary(service, name, config, log):
         sys.stdout.flush()
 
 
+USAGE = """usage: python3 extension.py [NAME]
+
+Serves SSM parameters and Secrets Manager secrets on http://localhost:2773 from a cache,
+as the AWS Parameters and Secrets Lambda Extension does. NAME is the extension's name in
+logs and at /register (default: parameters-secrets-extension). Configured by environment
+variables only: see the top of extension.py or docs/configuration.md.
+"""
+
+
 def main(argv):
+    if len(argv) > 1 and argv[1].startswith("-"):
+        known = argv[1] in ("-h", "--help")
+        (sys.stdout if known else sys.stderr).write(USAGE)
+        return 0 if known else 2
     name = argv[1] if len(argv) > 1 else DEFAULT_NAME
     config, messages = load_config(os.environ)
     log = Logger(name, config.log_level, config.log_format)
@@ -2329,7 +2354,11 @@ def main(argv):
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
 
-    api = ExtensionsApi(config.lambda_runtime_api) if config.lambda_runtime_api else None
+    try:
+        api = ExtensionsApi(config.lambda_runtime_api) if config.lambda_runtime_api else None
+    except ValueError as error:  # Lambda cannot be told: it is how Lambda is reached
+        log.error(str(error))
+        return 2
     service = listener = None
     fatal = None
     try:

@@ -1,8 +1,8 @@
 """Configuration: ``load_config(environ)`` (pure) and what the running extension says about it.
 
-Source of the rules: ../shared/spec/configuration.md (the official extension's nine
-variables, names, defaults and ranges) and README.md (our own variables, the 3600 s
-TTL ceiling, the request-token order). Rules checked here:
+Source of the rules: docs/configuration.md (the official extension's nine variables,
+names, defaults and ranges) and README.md (our own variables, the 3600 s TTL ceiling,
+the request-token order). Rules checked here:
 
 - every variable: default when absent, valid values taken as given;
 - an invalid value: a WARN naming the variable, and the default is used;
@@ -15,17 +15,13 @@ TTL ceiling, the request-token order). Rules checked here:
 - Config is frozen, and its repr() holds no secret.
 """
 
-import sys
+import re
 import types
 
 import pytest
 
-from conftest import ROOT
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import extension as ext  # noqa: E402  (the module under test, from the repo root)
+import extension as ext
+from conftest import warn_lines
 
 TOKEN = "request-token-cfg-5b1e"
 SECRET_KEY = "secret-key-cfg-do-not-log-9f2a"
@@ -38,7 +34,7 @@ BASE = {
     "AWS_SESSION_TOKEN": TOKEN,
 }
 
-# (variable, Config field, default) - configuration.md and README.md.
+# (variable, Config field, default) - docs/configuration.md and README.md.
 DEFAULTS = [
     ("SSM_PARAMETER_STORE_TIMEOUT_MILLIS", "ssm_timeout_ms", 0),
     ("SECRETS_MANAGER_TIMEOUT_MILLIS", "secrets_timeout_ms", 0),
@@ -98,7 +94,7 @@ def test_defaults():
 
 
 def test_absent_variables_are_logged_at_debug():
-    # Observed official behaviour (configuration.md): a missing variable is logged at
+    # Observed official behaviour (docs/configuration.md): a missing variable is logged at
     # DEBUG as "not present, using default ...".
     _, messages = load()
     debug = [text for level, text in messages if level.lower() == "debug"]
@@ -264,12 +260,11 @@ def test_out_of_range_is_clamped_with_a_warning(var, value, expected):
 
 
 @pytest.mark.parametrize("value", ["0", "65536", "-80", "100000"])
-def test_port_out_of_range_warns_and_stays_a_valid_port(value):
-    # Clamping a port makes little sense; either the default or the nearest bound is
-    # acceptable, but never an unusable port, and never silently.
+def test_port_out_of_range_warns_and_falls_back_to_the_default(value):
+    # README.md: an out-of-range port is not clamped (port 1 or 65535 is never what was
+    # meant) but replaced by the default, and never silently.
     config, messages = load(PARAMETERS_SECRETS_EXTENSION_HTTP_PORT=value)
-    assert 1 <= config.port <= 65535
-    assert config.port in (2773, 1, 65535)
+    assert config.port == 2773
     assert warns_naming(messages, "PARAMETERS_SECRETS_EXTENSION_HTTP_PORT")
 
 
@@ -351,7 +346,7 @@ def test_messages_never_contain_the_token_or_the_secret_key():
 # ----------------------------------------------------------------------- near misses
 
 NEAR_MISSES = [
-    # configuration.md's own example: the silently ignored spelling users lost hours to.
+    # docs/configuration.md's example: the silently ignored spelling users lost hours to.
     ("PARAMETERS_AND_SECRETS_EXTENSION_CACHE_SIZE", "5", "PARAMETERS_SECRETS_EXTENSION_CACHE_SIZE"),
     ("SSM_PARAMETER_STORE_TTL_SECONDS", "5", "SSM_PARAMETER_STORE_TTL"),
     ("SSM_PARAMETERS_STORE_TTL", "5", "SSM_PARAMETER_STORE_TTL"),
@@ -412,10 +407,6 @@ def test_every_correct_name_causes_no_warning():
 UNREACHABLE = "http://127.0.0.1:9"  # nothing is fetched in these tests
 
 
-def _warn_lines(text):
-    return [line for line in text.splitlines() if "WARN" in line.upper()]
-
-
 def test_running_extension_warns_about_a_misspelled_variable(start_extension):
     ext_proc = start_extension(UNREACHABLE, env={
         "PARAMETERS_AND_SECRETS_EXTENSION_CACHE_SIZE": "5",
@@ -423,7 +414,7 @@ def test_running_extension_warns_about_a_misspelled_variable(start_extension):
         "PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "info",
     })
     stderr = ext_proc.stderr()
-    lines = _warn_lines(stderr)
+    lines = warn_lines(stderr)
     assert any("PARAMETERS_SECRETS_EXTENSION_CACHE_SIZE" in line
                and "PARAMETERS_AND_SECRETS_EXTENSION_CACHE_SIZE" in line for line in lines), stderr
     assert any("SSM_PARAMETER_STORE_TTL" in line and "3600" in line for line in lines), stderr
@@ -452,3 +443,24 @@ def test_refuses_to_start(start_extension_raw, overrides, word):
     assert any(word in line.lower() for line in errors), stderr
     assert "Traceback" not in stderr
     assert SECRET_KEY not in stderr + ext_proc.stdout()
+
+
+# ------------------------------------------------------------ the one settings table
+
+
+def test_the_docstring_table_matches_the_settings_table():
+    # The top docstring is what an auditor reads first; ext.SETTINGS is what runs.
+    doc = ext.__doc__
+    for variable, _, default, _ in ext.SETTINGS:
+        assert re.search(rf"^    {variable} +{re.escape(str(default))} ", doc, re.MULTILINE | re.IGNORECASE), \
+            f"{variable} with default {default} is not in the docstring's table"
+    listed = set(re.findall(r"^    ((?:PARAMETERS_SECRETS_EXTENSION|SSM|SECRETS_MANAGER)_[A-Z_]+)", doc, re.MULTILINE))
+    assert listed == {row[0] for row in ext.SETTINGS} | {
+        "PARAMETERS_SECRETS_EXTENSION_PREFETCH", "PARAMETERS_SECRETS_EXTENSION_PYTHON"}
+
+
+def test_config_defaults_come_from_the_settings_table():
+    config = ext.Config()
+    for _, field, default, accepted in ext.SETTINGS:
+        expected = default == "true" if accepted == ("true", "false") else default
+        assert getattr(config, field) == expected
