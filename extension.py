@@ -75,6 +75,7 @@ Layout (each section needs only the ones above it)
 Usage: python3 extension.py [NAME]    (NAME: the extension's name, for logs and /register)
 """
 
+import _thread
 import calendar  # cheap, and parse_iso8601 needs timegm
 import errno
 import hashlib
@@ -93,7 +94,6 @@ import ssl  # free: http.client imports it anyway
 import sys
 import threading
 import time
-import _thread
 from collections import OrderedDict, namedtuple
 from datetime import datetime, timezone
 from urllib.parse import quote, unquote_to_bytes, urlsplit
@@ -534,7 +534,7 @@ def shown(text, limit=200):
     Only for names, ids, paths and keys: values and tokens never reach a log line at all."""
     text = str(text)
     cut = len(text) > limit
-    text = LOG_UNSAFE.sub(lambda match: "\\x%02x" % ord(match.group()), text[:limit])
+    text = LOG_UNSAFE.sub(lambda match: f"\\x{ord(match.group()):02x}", text[:limit])
     return text + "\u2026" if cut else text
 
 
@@ -542,7 +542,7 @@ def iso8601(epoch_seconds):
     """2022-11-16T08:22:40.362Z: the SDK's timestamp text, UTC with milliseconds."""
     total_ms = int(round(epoch_seconds * 1000))
     seconds, ms = divmod(total_ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % ms
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
 
 # ---------------------------------------------------------------------------
@@ -871,8 +871,8 @@ class CredentialProvider:
                                   "using the current ones until they expire")
                     return current
                 if bound_by_caller and self.clock() >= deadline:
-                    raise UpstreamTimeout(f"credentials: {error}")
-                raise CredentialsUnavailable(f"credentials: {error}")
+                    raise UpstreamTimeout(f"credentials: {error}") from error
+                raise CredentialsUnavailable(f"credentials: {error}") from error
             return self._current
         finally:
             self._lock.release()
@@ -907,7 +907,8 @@ class CredentialProvider:
                 with open(c.container_token_file, encoding="utf-8") as token_file:
                     token = token_file.read().strip()
             except OSError as error:
-                raise CredentialsError(f"cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: {error.strerror}")
+                raise CredentialsError(
+                    f"cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: {error.strerror}") from error
         if token:
             headers.append(("Authorization", token))
         parts = urlsplit(url)
@@ -917,12 +918,12 @@ class CredentialProvider:
             connection = open_connection(parts, deadline)
             status, body, _ = exchange(connection, "GET", target, headers, None, deadline, MAX_CREDENTIALS_BYTES)
         except socket.timeout:
-            raise CredentialsError("container credentials endpoint did not answer in time")
+            raise CredentialsError("container credentials endpoint did not answer in time") from None
         except UpstreamInvalidResponse:
             raise CredentialsError("container credentials endpoint answered more than "
-                                   f"{MAX_CREDENTIALS_BYTES} bytes")
+                                   f"{MAX_CREDENTIALS_BYTES} bytes") from None
         except (OSError, http.client.HTTPException) as error:
-            raise CredentialsError(f"container credentials endpoint unreachable: {type(error).__name__}")
+            raise CredentialsError(f"container credentials endpoint unreachable: {type(error).__name__}") from error
         finally:
             if connection is not None:
                 connection.close()
@@ -934,7 +935,7 @@ class CredentialProvider:
             credentials = Credentials(data["AccessKeyId"], data["SecretAccessKey"], data.get("Token"),
                                       parse_iso8601(expiration) if expiration else None)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            raise CredentialsError("container credentials endpoint answered malformed JSON")
+            raise CredentialsError("container credentials endpoint answered malformed JSON") from None
         if not all(isinstance(field, str) and field for field in (credentials.access_key_id,
                                                                   credentials.secret_access_key)):
             raise CredentialsError("container credentials endpoint answered malformed JSON")
@@ -956,7 +957,7 @@ class CredentialProvider:
             try:
                 parser.read(path, encoding="utf-8")
             except (configparser.Error, UnicodeDecodeError):
-                raise CredentialsError(f"cannot parse {path}")
+                raise CredentialsError(f"cannot parse {path}") from None
             if parser.has_section(section):
                 sections.append(dict(parser.items(section)))
         for values in sections:
@@ -1079,10 +1080,11 @@ class ServiceClient:
                 self._release(connection)
                 connection = None
         except socket.timeout:
-            raise UpstreamTimeout(f"{self.aws_service} did not answer in time")
+            raise UpstreamTimeout(f"{self.aws_service} did not answer in time") from None
         except (OSError, http.client.HTTPException) as error:
             reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or ""
-            raise UpstreamUnreachable(f"{self.aws_service} unreachable: {type(error).__name__} {reason}".rstrip())
+            detail = f"{self.aws_service} unreachable: {type(error).__name__} {reason}".rstrip()
+            raise UpstreamUnreachable(detail) from error
         finally:
             if connection is not None:
                 connection.close()
@@ -1091,7 +1093,7 @@ class ServiceClient:
             try:
                 return json.loads(data)
             except (ValueError, RecursionError):
-                raise UpstreamInvalidResponse(f"{self.aws_service} answered 200 with a body that is not JSON")
+                raise UpstreamInvalidResponse(f"{self.aws_service} answered 200 with a body that is not JSON") from None
         if 400 <= status < 600:
             raise aws_error(status, data)
         raise UpstreamInvalidResponse(f"{self.aws_service} answered status {status}")
@@ -1537,7 +1539,7 @@ def _decode(text):
         # The request line arrives decoded as Latin-1: undo that to get the raw bytes.
         decoded = unquote_to_bytes(text.encode("latin-1")).decode("utf-8")
     except (UnicodeEncodeError, UnicodeDecodeError):
-        raise ClientError(400, "MalformedQuery", "the query is not valid UTF-8")
+        raise ClientError(400, "MalformedQuery", "the query is not valid UTF-8") from None
     if CONTROL_CHARACTERS.search(decoded):
         raise ClientError(400, "MalformedQuery", "the query holds a control character")
     return decoded
@@ -1581,7 +1583,7 @@ def _boolean(values, key):
     try:
         return words[value.lower()]
     except KeyError:
-        raise ClientError(400, "InvalidQueryValue", f"{key} must be {' or '.join(words)} (any case)")
+        raise ClientError(400, "InvalidQueryValue", f"{key} must be {' or '.join(words)} (any case)") from None
 
 
 def _identifier(values, key, what):
@@ -1908,13 +1910,17 @@ def connection_after(method, version, headers):
     else:
         keep = "close" not in tokens
         wanted = None if keep else "close"
-    lengths = [value for name, value in headers if name == "content-length"]
-    # A body is never read: after one, the next bytes are not a request head. Content-
-    # Length: 0 is no body (Java's HttpClient sends it on every GET: docs/pitfalls.md).
-    has_body = any(name == "transfer-encoding" for name, _ in headers) or lengths not in ([], ["0"])
-    if method != "GET" or has_body:
+    if method != "GET" or has_body(headers):
         return False, "close"
     return keep, wanted
+
+
+def has_body(headers):
+    """Whether a request says a body follows. A body is never read: after one, the next
+    bytes are not a request head, so the connection closes. Content-Length: 0 is no body
+    (Java's HttpClient sends it on every GET: docs/pitfalls.md)."""
+    lengths = [value for name, value in headers if name == "content-length"]
+    return any(name == "transfer-encoding" for name, _ in headers) or lengths not in ([], ["0"])
 
 
 def format_response(status, headers, body, connection=None):
@@ -1953,6 +1959,31 @@ def _refuse(sock):
     except OSError:
         pass
     sock.close()
+
+
+# Closing a socket with unread input makes TCP send a reset, which can destroy the
+# answer before the caller reads it (a 431 to a header flood, say). So the server first
+# ends its side, then reads and drops what is still coming, within these bounds.
+DRAIN_SECONDS = 0.5
+DRAIN_BYTES = 1024 * 1024
+
+
+def _close_after_unread_input(sock):
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + DRAIN_SECONDS
+        drained = 0
+        while drained < DRAIN_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass
 
 
 class _ClientReader(io.RawIOBase):
@@ -2072,6 +2103,7 @@ def serve_connection(reader, service, in_flight, read_timeout):
         except ClientError as error:
             service.log.debug(f"refused a malformed request: {error.status} {error.error_type}")
             sock.sendall(format_response(*error_answer(error), "close"))
+            _close_after_unread_input(sock)
             return
         if head is None:
             return
@@ -2084,6 +2116,8 @@ def serve_connection(reader, service, in_flight, read_timeout):
             in_flight.change(-1)
         sock.sendall(format_response(status, extra, body, connection))
         if not keep:
+            if method != "GET" or has_body(headers):
+                _close_after_unread_input(sock)  # a body was not read
             return
 
 
@@ -2127,7 +2161,7 @@ class Listener:
         except OSError as error:
             sock.close()
             if error.errno == errno.EADDRINUSE:
-                raise PortInUse(f"port {address[1]} on {shown_host} is already in use")
+                raise PortInUse(f"port {address[1]} on {shown_host} is already in use") from error
             raise
         return sock
 
@@ -2241,7 +2275,7 @@ class ExtensionsApi:
             data = response.read(MAX_ANSWER_BYTES)  # Lambda's answers are small; a cap all the same
         except (OSError, http.client.HTTPException) as error:
             raise ExtensionsApiError(f"{method} {path}: Extensions API at {self.address} unreachable "
-                                     f"({type(error).__name__})")
+                                     f"({type(error).__name__})") from error
         finally:
             connection.close()
         if response.status >= 300:
@@ -2300,12 +2334,12 @@ def start_up(config, log):
     try:
         credentials.resolve()
     except CredentialsError as error:
-        raise Fatal("Extension.NoCredentials", str(error))
+        raise Fatal("Extension.NoCredentials", str(error)) from error
     service = Service(config, log, credentials)
     try:
         listener = Listener(service, config.port)
     except PortInUse as error:
-        raise Fatal("Extension.PortInUse", str(error))
+        raise Fatal("Extension.PortInUse", str(error)) from error
     return service, listener
 
 
