@@ -1711,6 +1711,7 @@ class Service:
         }
         self._clock_offset = wall() - clock()
         self._restore_lock = threading.Lock()
+        self.restores = 0  # how many times forget() dropped everything
 
     def answer(self, method, target, headers):
         """(status, [(header, value)], body) for one request. headers: [(lower-case name,
@@ -1794,15 +1795,16 @@ class Service:
         jump = self.wall() - self.clock() - self._clock_offset
         if abs(jump) > RESTORE_JUMP_SECONDS:
             with self._restore_lock:
-                jump = self.wall() - self.clock() - self._clock_offset
-                if abs(jump) <= RESTORE_JUMP_SECONDS:
+                if abs(self.wall() - self.clock() - self._clock_offset) <= RESTORE_JUMP_SECONDS:
                     return  # another thread saw it first
-                self._clock_offset += jump
             self.forget("snapshot restore detected")
 
     def forget(self, reason):
         """Drop cached values, fetched credentials and idle AWS connections: each is had
         again when next needed."""
+        with self._restore_lock:  # what is dropped now is not dropped again for the same jump
+            self._clock_offset = self.wall() - self.clock()
+            self.restores += 1
         self.store.clear()
         self.credentials.forget()
         for client in self.clients.values():
@@ -1852,7 +1854,8 @@ REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 
 
 def read_request_head(rfile):
-    """(method, target, version, headers) of the next request on rfile, headers as
+    """(method, target, version, headers) of the next request on rfile (anything with
+    readline(limit)), headers as
     [(lower-case name, value)]; None when the peer ended the connection. Raises
     ClientError (400, 414, 431, 505) for a head that cannot be served, as soon as that
     is known: nothing past MAX_HEADER_BYTES is read."""
@@ -1986,75 +1989,132 @@ def _close_after_unread_input(sock):
         pass
 
 
-class _ClientReader(io.RawIOBase):
-    """The raw reads of one inbound connection (connection: its socket).
+# How long admission waits, once, before refusing when every place looks busy: a
+# connection whose answer was just sent, or whose caller just closed it, is idle or gone
+# a moment later. The accept thread waits this at saturation only.
+ADMISSION_RETRY_SECONDS = 0.01
+
+
+def _readable(sock):
+    """Whether bytes or an end of stream wait on sock. No wait: a zero-timeout select.
+    (Not a peek: a recv on a socket with a timeout may wait for that timeout when the
+    handler thread takes the bytes first, and this runs in the accept thread.)"""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False  # broken: closing it is no loss
+    return bool(readable)
+
+
+class _ClientReader:
+    """The reading side of one inbound connection (connection: its socket), with the
+    request bytes received but not parsed yet (buffer), and its admission state.
 
     Between requests (deadline None) it waits for the next request with no time limit:
     the socket timeout is only a tick, so that a Lambda freeze, whatever its length,
     never turns into a close under the caller's next request (docs/pitfalls.md, "Freeze").
-    Once a request has begun the handler sets a deadline: a silence of one socket timeout
-    ends it, and so does a drip, at the first read past the deadline (within twice the
-    read timeout at worst; a settimeout per read would be a system call per read)."""
+    Once a request has begun it has a deadline: a silence of one socket timeout ends it,
+    and so does a drip, at the first read past the deadline (within twice the read
+    timeout at worst; a settimeout per read would be a system call per read).
 
-    def __init__(self, sock):
-        super().__init__()
+    Lock rule: admission_lock (Clients's) guards deadline and evicted, so that a
+    connection is never both taken for eviction and found busy: the first byte of a
+    request is only peeked at, and the connection marked busy, before it leaves the
+    kernel's buffer."""
+
+    def __init__(self, sock, admission_lock, read_timeout):
         self.connection = sock
+        self.admission_lock = admission_lock
+        self.read_timeout = read_timeout
+        self.buffer = b""
         self.deadline = None
         self.idle_since = time.monotonic()
+        self.evicted = False
 
-    def readable(self):
+    def next_request(self):
+        """Wait for the next request's first byte; False at the end (the caller closed,
+        or the connection was evicted)."""
+        if not self.buffer:  # a pipelined request may be here already
+            while True:
+                try:
+                    if not self.connection.recv(1, socket.MSG_PEEK):
+                        return False
+                    break
+                except socket.timeout:
+                    continue  # idle: the timeout is only a tick
+        with self.admission_lock:
+            if self.evicted:
+                return False
+            self.deadline = time.monotonic() + self.read_timeout
         return True
 
-    def readinto(self, buffer):
+    def answered(self):
+        """Idle again: from the moment the answer is out, admission may take it."""
+        self.idle_since = time.monotonic()
+        self.deadline = None
+
+    def readline(self, limit):
+        """A line of at most limit bytes (ending in a line feed unless the limit or the
+        end of the stream came first), read by the deadline."""
         while True:
-            if self.deadline is not None and time.monotonic() > self.deadline:
+            end = self.buffer.find(b"\n", 0, limit)
+            if end >= 0 or len(self.buffer) >= limit:
+                cut = end + 1 if end >= 0 else limit
+                line, self.buffer = self.buffer[:cut], self.buffer[cut:]
+                return line
+            if time.monotonic() > self.deadline:
                 raise socket.timeout("the request did not arrive in time")
-            try:
-                return self.connection.recv_into(buffer)
-            except socket.timeout:
-                if self.deadline is not None:
-                    raise
+            chunk = self.connection.recv(65536)
+            if not chunk:
+                line, self.buffer = self.buffer, b""
+                return line
+            self.buffer += chunk
 
 
 class Clients:
     """The inbound connections open at once: at most max_clients.
 
     A newcomer over the limit takes the place of the connection idle longest (waiting
-    between requests with nothing pending), which is closed; with none idle it is
-    refused. Lock rule: self._lock guards self._open and is held for set operations and
-    zero-timeout checks only; the eviction itself happens after it is released."""
+    between requests with nothing received), which is closed; with none idle it is
+    refused. Lock rule: self._lock guards self._open and each reader's deadline and
+    evicted flag; it is held for set operations and zero-timeout checks only."""
 
-    def __init__(self, max_clients):
+    def __init__(self, max_clients, read_timeout):
         self.max_clients = max_clients
+        self.read_timeout = read_timeout
         self._open = set()
         self._lock = threading.Lock()
 
     def admit(self, sock):
         """A _ClientReader for sock, or None when every place is taken by a busy one."""
-        victim = None
-        with self._lock:
-            if len(self._open) >= self.max_clients:
-                victim = self._idle_longest()
-                if victim is None:
-                    return None
-                self._open.discard(victim)
-            reader = _ClientReader(sock)
-            self._open.add(reader)
+        for attempt in (1, 2):
+            with self._lock:
+                full = len(self._open) >= self.max_clients
+                victim = self._idle_longest() if full else None
+                if not full or victim is not None:
+                    if victim is not None:
+                        victim.evicted = True
+                        self._open.discard(victim)
+                    reader = _ClientReader(sock, self._lock, self.read_timeout)
+                    self._open.add(reader)
+                    break
+            if attempt == 2:
+                return None
+            select.select([], [], [], ADMISSION_RETRY_SECONDS)  # all busy: look once more
         if victim is not None:
-            try:  # wakes its thread, which sees the end of the stream and finishes
+            try:  # wakes its thread, which sees the end of the stream and closes
                 victim.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         return reader
 
     def _idle_longest(self):
-        idle = sorted((reader for reader in self._open if reader.deadline is None), key=lambda r: r.idle_since)
+        idle = sorted((reader for reader in self._open if reader.deadline is None and not reader.buffer),
+                      key=lambda r: r.idle_since)
         for reader in idle:
-            try:
-                pending, _, _ = select.select([reader.connection], [], [], 0)
-            except (OSError, ValueError):
-                pending = True
-            if not pending:  # bytes waiting are a request on its way: not idle after all
+            # Bytes waiting are a request on its way (or an end its thread will see at
+            # once): not idle after all.
+            if not _readable(reader.connection):
                 return reader
         return None
 
@@ -2088,18 +2148,12 @@ class Gauge:
         return True
 
 
-def serve_connection(reader, service, in_flight, read_timeout):
+def serve_connection(reader, service, in_flight):
     """Answer the requests of one connection until it ends or must close."""
     sock = reader.connection
-    rfile = io.BufferedReader(reader)
-    while True:
-        reader.deadline = None
-        reader.idle_since = time.monotonic()
-        if not rfile.peek(1):  # idle until the next request's first byte (or the end)
-            return
-        reader.deadline = time.monotonic() + read_timeout
+    while reader.next_request():
         try:
-            head = read_request_head(rfile)
+            head = read_request_head(reader)
         except ClientError as error:
             service.log.debug(f"refused a malformed request: {error.status} {error.error_type}")
             sock.sendall(format_response(*error_answer(error), "close"))
@@ -2115,6 +2169,7 @@ def serve_connection(reader, service, in_flight, read_timeout):
         finally:
             in_flight.change(-1)
         sock.sendall(format_response(status, extra, body, connection))
+        reader.answered()
         if not keep:
             if method != "GET" or has_body(headers):
                 _close_after_unread_input(sock)  # a body was not read
@@ -2130,7 +2185,7 @@ class Listener:
         self.service = service
         self.start_thread = start_thread
         self.read_timeout = service.config.read_timeout_ms / 1000.0
-        self.clients = Clients(service.config.max_clients)
+        self.clients = Clients(service.config.max_clients, self.read_timeout)
         self.in_flight = Gauge()
         self.sockets = [self._bind(socket.AF_INET, ("127.0.0.1", port), "127.0.0.1")]
         # `localhost` may resolve to ::1 first; answering there spares callers a refused
@@ -2219,7 +2274,7 @@ class Listener:
 
     def _serve(self, reader):
         try:
-            serve_connection(reader, self.service, self.in_flight, self.read_timeout)
+            serve_connection(reader, self.service, self.in_flight)
         except Exception as error:  # reset by the peer, a timeout, a bug: one line, no data
             self._log_safely("debug", f"connection ended with {type(error).__name__}")
         finally:
@@ -2430,13 +2485,16 @@ def run_in_lambda(api, name, config, log, service, listener, fatal):
             api.report_error("init", fatal.error_type, str(fatal))
             return 2
         snapshot = config.initialization_type == "snap-start"
+        restores_in_init = service.restores
         while True:
             event = api.next_event()
             if snapshot:
                 # The first event after a SnapStart INIT comes in a restored copy of this
-                # process, maybe months later: nothing cached then is to be trusted.
+                # process, maybe months later: nothing cached then is to be trusted, unless
+                # a request of the function's saw the clocks jump and dropped it already.
                 snapshot = False
-                service.forget("snapshot restore detected")
+                if service.restores == restores_in_init:
+                    service.forget("snapshot restore detected")
             else:
                 service.check_restore()
             if str(event.get("eventType", "")).upper() == "SHUTDOWN":

@@ -31,8 +31,8 @@ import logging
 import math
 import os
 import platform
-import shutil
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
@@ -63,7 +63,7 @@ FILL_VALUE_SIZE = 4096  # Parameter Store standard tier: values up to 4 KB
 
 PARAM_PATH = "/systemsmanager/parameters/get?name=%2Fbench%2Fparam"
 SECRET_PATH = "/secretsmanager/get?secretId=bench%2Fsecret"
-STALL_MS = 40.0  # a delayed-ACK stall costs ~40 ms (../shared/spec/pitfalls.md)
+STALL_MS = 40.0  # a delayed-ACK stall costs ~40 ms (docs/pitfalls.md, "Delayed-ACK stall")
 MIB = 1024 * 1024
 
 
@@ -401,7 +401,7 @@ def wait_for_ping(proc, port, timeout_s=15.0):
 
 
 def documented_client_get(url):
-    """The documented client example (../shared/spec/http-api.md): a new urllib connection per request."""
+    """The documented client example (docs/http-api.md): a new urllib connection per request."""
     req = urllib.request.Request(url)
     req.add_header(TOKEN_HEADER, TOKEN)
     with urllib.request.urlopen(req, timeout=10) as response:
@@ -530,7 +530,7 @@ def measure_boto3(moto_endpoint, ext_port, settings):
     not_ok = {who: collections.Counter() for who in calls}
     block = 20  # calls per block: the first after a switch may be slower, the median is not
     try:
-        for who, call in calls.items():
+        for call in calls.values():
             timed_requests(call, 10)
         for _ in range(max(1, settings.boto3_calls // block)):
             for who, call in calls.items():
@@ -543,10 +543,10 @@ def measure_boto3(moto_endpoint, ext_port, settings):
     return {who: dict(summarize(samples[who]), not_ok=dict(not_ok[who])) for who in calls}
 
 
-BOTO3_FIRST_VALUE = """
+BOTO3_FIRST_VALUE = f"""
 import boto3
-boto3.client("ssm").get_parameter(Name=%r)["Parameter"]["Value"]
-""" % PARAM
+boto3.client("ssm").get_parameter(Name={PARAM!r})["Parameter"]["Value"]
+"""
 
 # The documented client example, unchanged but for the port and the parameter name.
 URLLIB_FIRST_VALUE = """

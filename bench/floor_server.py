@@ -45,7 +45,7 @@ class FloorServer(ThreadingHTTPServer):
     def get_request(self):
         conn, addr = super().get_request()
         # Without this a keep-alive client waits ~40 ms per request for the delayed
-        # ACK of the header segment (../shared/spec/pitfalls.md, "Delayed-ACK stall").
+        # ACK of the header segment (docs/pitfalls.md, "Delayed-ACK stall").
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn, addr
 

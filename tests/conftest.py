@@ -1,21 +1,32 @@
-"""SHARED FIXTURE MODULE for the whole test suite (owned by helper "api").
+"""Shared fixtures and helpers of the test suite: every test file imports from here.
 
 Every black-box test starts the real ``extension.py`` as a subprocess and points it
-at a local AWS emulator on 127.0.0.1 (a moto ``ThreadedMotoServer`` or a fake). This
-module provides the pieces every test file needs so that nobody writes their own copy:
+at a local AWS emulator on 127.0.0.1 (a moto ``ThreadedMotoServer``, or the scriptable
+fake of ``tests/fake_aws.py``). This module provides the pieces every test file needs,
+once:
+
+Import paths
+    The repository root and ``tests/`` are put on ``sys.path`` here, so test files just
+    ``import extension`` (the module under test), ``from conftest import ...``,
+    ``import fake_aws`` / ``import fake_lambda``, whatever pytest's import mode is.
 
 Constants
-    ``ROOT``       repository root (``Path``)
-    ``EXTENSION``  ``ROOT / "extension.py"``
-    ``SSM_GET``    ``"AmazonSSM.GetParameter"`` (the X-Amz-Target of an SSM read)
-    ``SM_GET``     ``"secretsmanager.GetSecretValue"`` (the X-Amz-Target of a secret read)
-    ``TOKEN_HEADER`` ``"X-Aws-Parameters-Secrets-Token"``
+    ``ROOT``          repository root (``Path``); ``TESTS_DIR`` is ``ROOT / "tests"``
+    ``EXTENSION``     ``ROOT / "extension.py"``
+    ``SSM_GET``       ``"AmazonSSM.GetParameter"`` (the X-Amz-Target of an SSM read)
+    ``SM_GET``        ``"secretsmanager.GetSecretValue"`` (the X-Amz-Target of a secret read)
+    ``TOKEN_HEADER``  ``"X-Aws-Parameters-Secrets-Token"`` (the request token header)
+    ``CACHE_HEADER``  ``"X-Parameters-Secrets-Cache"`` (hit | miss | stale | bypass)
 
-Plain helpers (``from conftest import ...``; ``tests/`` is on ``sys.path``)
+Plain helpers (``from conftest import ...``)
     ``free_port()``                 a currently free TCP port on 127.0.0.1
-    ``boto3_client(service, url)``  a boto3 client for seeding moto (us-east-1, dummy keys)
     ``wait_for(predicate, ...)``    bounded polling loop (never a fixed long sleep)
+    ``ssm_path(name, **query)``     ``/systemsmanager/parameters/get?name=<name quoted>&k=v``
+    ``sm_path(secret_id, **query)`` ``/secretsmanager/get?secretId=<id quoted>&k=v``
+    ``warn_lines(text)``            the WARN lines of a text-format extension log
+    ``boto3_client(service, url)``  a boto3 client for seeding moto (us-east-1, dummy keys)
     ``moto_reset(url)`` / ``moto_set_auth(url, enabled)``  moto's control API
+    ``Headers(pairs)``              response headers: a dict with case-insensitive lookup
     ``CountingProxy(target_url)``   a counting, byte-faithful HTTP forwarder
     ``Extension``                   a handle on a running extension subprocess
     ``ExtensionLauncher``           the factory behind the ``start_extension*`` fixtures
@@ -24,21 +35,21 @@ Fixtures
     ``moto_server`` (session)   base URL of one moto server shared by the session
     ``moto`` (function)         same URL, moto state wiped and auth switched off first
     ``ssm``, ``secretsmanager`` boto3 clients bound to ``moto`` (for seeding)
+    ``fake`` (function)         a fresh ``fake_aws.FakeAWS`` (scriptable faults, call counts)
+    ``fake_module`` (module)    one ``FakeAWS`` shared by a test module
     ``counting_proxy``          factory ``counting_proxy(target_url) -> CountingProxy``
     ``start_extension``         factory ``start_extension(endpoint_url, env=None,
                                 name=None, args=(), wait=True) -> Extension``
     ``start_extension_raw``     same factory with ``wait=False`` (start-up is expected to
                                 fail: returns once the process has exited)
     ``start_extension_module``  the ``start_extension`` factory with module scope
-
-Other helpers' modules (``tests/fake_aws.py``, ``tests/fake_lambda.py``) are imported by
-plain name: this conftest puts its own directory on ``sys.path``.
 """
 
 import http.client
 import http.server
 import json
 import os
+import re
 import secrets as _secrets
 import signal
 import socket
@@ -56,14 +67,16 @@ TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent
 EXTENSION = ROOT / "extension.py"
 
-if str(TESTS_DIR) not in sys.path:
-    # Lets test files do ``import fake_aws`` / ``from conftest import ...`` whatever
-    # pytest's import mode is.
-    sys.path.insert(0, str(TESTS_DIR))
+for _directory in (TESTS_DIR, ROOT):
+    # ``import fake_aws`` / ``from conftest import ...`` (tests/) and ``import extension``
+    # (the root), whatever pytest's import mode is.
+    if str(_directory) not in sys.path:
+        sys.path.insert(0, str(_directory))
 
 SSM_GET = "AmazonSSM.GetParameter"
 SM_GET = "secretsmanager.GetSecretValue"
 TOKEN_HEADER = "X-Aws-Parameters-Secrets-Token"
+CACHE_HEADER = "X-Parameters-Secrets-Cache"
 REGION = "us-east-1"
 DUMMY_KEY_ID = "testing"
 DUMMY_SECRET_KEY = "testing"
@@ -102,6 +115,31 @@ def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
+
+
+def ssm_path(name, **query):
+    """The parameter route for ``name`` (percent-encoded, ``/`` included), plus ``query``
+    appended as given (``ssm_path("/a", version=2)``)."""
+    parts = ["name=" + urllib.parse.quote(name, safe="")]
+    parts += [f"{key}={value}" for key, value in query.items()]
+    return "/systemsmanager/parameters/get?" + "&".join(parts)
+
+
+def sm_path(secret_id, **query):
+    """The secret route for ``secret_id`` (percent-encoded), plus ``query`` as given."""
+    parts = ["secretId=" + urllib.parse.quote(secret_id, safe="")]
+    parts += [f"{key}={value}" for key, value in query.items()]
+    return "/secretsmanager/get?" + "&".join(parts)
+
+
+# A line of the extension's text log format: "[<name>] <LEVEL> <message>".
+_WARN_LINE = re.compile(r"^\[[^\]]+\] WARN ")
+
+
+def warn_lines(text):
+    """The WARN lines of ``text``, a text-format extension log (``ext.stderr()``,
+    ``ext.logs()``): lines that merely quote the word WARN do not count."""
+    return [line for line in text.splitlines() if _WARN_LINE.match(line)]
 
 
 _BOTO3 = {}
@@ -512,7 +550,8 @@ class ExtensionLauncher:
             port = int(env.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT", "2773"))
         except ValueError:
             port = 2773  # an invalid value on purpose: the extension falls back to its default
-        # The token the extension expects, by the contract's order of precedence.
+        # The token the extension expects: AWS_TOKEN, then AWS_SESSION_TOKEN, then
+        # AWS_CONTAINER_AUTHORIZATION_TOKEN (README.md).
         expected = next(
             (env[k] for k in ("AWS_TOKEN", "AWS_SESSION_TOKEN",
                               "AWS_CONTAINER_AUTHORIZATION_TOKEN") if env.get(k)),
@@ -564,10 +603,6 @@ class ExtensionLauncher:
             ext.stop(timeout=5)
 
 
-# Older name, used by test_hostile.py / test_reliability.py for module-scoped launchers.
-_Launcher = ExtensionLauncher
-
-
 # ---------------------------------------------------------------------- fixtures
 
 
@@ -605,6 +640,31 @@ def ssm(moto):
 def secretsmanager(moto):
     """A boto3 Secrets Manager client bound to the freshly reset ``moto`` (for seeding)."""
     return boto3_client("secretsmanager", moto)
+
+
+@pytest.fixture
+def fake():
+    """A fresh ``fake_aws.FakeAWS`` on 127.0.0.1 for one test (closed at teardown).
+
+    Scriptable per call (``fake.script("500", "ok")``, ``fake.set_default(...)``), values
+    set with ``set_value`` / ``set_secret``, calls counted with ``fake.calls(...)``;
+    point the extension at ``fake.url``.
+    """
+    from fake_aws import FakeAWS  # imported here: only tests that use the fake need it
+
+    with FakeAWS() as aws:
+        yield aws
+
+
+@pytest.fixture(scope="module")
+def fake_module():
+    """One ``fake_aws.FakeAWS`` shared by a whole test module (with
+    ``start_extension_module``); tests sharing it use names of their own, since the fake
+    scripts and counts per name."""
+    from fake_aws import FakeAWS
+
+    with FakeAWS() as aws:
+        yield aws
 
 
 @pytest.fixture

@@ -25,12 +25,51 @@ ECONNRESET), ``midbody`` (sends the status line and headers with a Content-Lengt
 larger than the body it then sends, and closes), ``hang`` (reads the request and
 never answers until ``close()``).
 
+Hostile kinds (keyword parameters after the kind; a hostile or broken peer, see
+docs/pitfalls.md "What a hostile or broken peer does"):
+
+``Do("drip", rate=10, size=None)``
+    Status line and headers (with the full Content-Length) at once, then the body at
+    ``rate`` bytes per second. The body is the ``ok`` answer, padded with trailing
+    spaces (still valid JSON) to ``size`` bytes when given: ``size=10**6`` at 10 B/s
+    drips "for ever". Stops when the client goes away or the fake closes.
+``Do("early_hints", gap=0.2)``
+    ``HTTP/1.1 103 Early Hints`` (with a ``Link`` header), then ``gap`` seconds later
+    the real 200 ``ok`` answer on the same connection, which stays open. The gap
+    matters: written together, a client's read buffer may swallow the 200 with the 103
+    and hide the desynchronisation a reused connection then suffers.
+``Do("big", size=N, framing="length")``
+    A 200 whose body is the ``ok`` answer padded with spaces to exactly ``size`` bytes,
+    streamed in 64 KiB pieces (never built in memory), framed by ``framing``:
+    ``"length"`` (declared Content-Length), ``"chunked"`` (Transfer-Encoding: chunked)
+    or ``"close"`` (no length: the body ends when the fake closes the connection).
+``Do("payload", body=..., status=200)``
+    Any answer: ``body`` is raw ``bytes`` (sent as is: garbage, ``b"[" * 100000``),
+    any JSON-able object, or a callable ``f(ok)`` that receives the parsed ``ok``
+    answer (a dict) and returns bytes or a JSON-able object (wrong shapes, another
+    name). Content-Type is AWS's; no ``x-amzn-ErrorType`` header, so that an error
+    body has to speak for itself.
+``Do("raw", data=..., gap=0.2)``
+    Writes ``data`` as the whole answer, status line included: bytes, a callable
+    ``f(ok_bytes)`` returning bytes, or a list of those written ``gap`` seconds apart
+    (so that a client has parsed the first piece before the next arrives). The
+    connection stays open for the next request (``close=True`` closes it).
+    ``http_response(status, body, headers)`` builds such bytes: an answer followed by
+    another one, a 204 carrying a body...
+
+For the streaming kinds each entry of ``requests`` also gets ``sent`` (body bytes the
+fake managed to write) and ``complete`` (the whole body was written) once done;
+``wait_done(n)`` waits until ``n`` calls have finished answering.
+
 Calls are counted thread-safely by X-Amz-Target and by the raw name asked for
 (``Name`` / ``SecretId`` as sent, selector included): ``calls(target=None,
-name=None)``. ``requests`` keeps every call (target, parsed body, headers, the
-behaviour applied). Values: any name is answered with a generated value
+name=None)``. ``requests`` keeps every call (target, name, parsed body, headers, the
+behaviour applied); ``requests_for(name)`` those of one name; ``ok_answer(name)`` is
+the body an ``ok`` call for ``name`` gets. Values: any name is answered with a generated value
 (``"value-of-<name>"``) unless ``set_value`` / ``set_secret`` gave one; setting a new
-value bumps the version, as AWS does.
+value bumps the version, as AWS does. A secret asked for by ARN is answered as AWS
+does: a full ARN (ending in ``-`` and 6 characters) comes back as the ``ARN``, a
+partial ARN (no suffix) gets the suffix ``-AbCdEf``; ``Name`` is the name in either.
 
 Where the wire shapes come from: the AWS API references of SSM ``GetParameter`` and
 Secrets Manager ``GetSecretValue`` (response syntax) and the JSON-1.1 error format
@@ -43,6 +82,7 @@ casing").
 import base64
 import http.server
 import json
+import re
 import socket
 import struct
 import threading
@@ -60,25 +100,47 @@ LAST_MODIFIED = "1.668586960362E9"
 KINDS = (
     "ok", "delay", "500", "503", "throttling", "toomany", "429", "notfound",
     "accessdenied", "validation", "reset", "midbody", "hang",
+    "drip", "early_hints", "big", "payload", "raw",
 )
+# The keyword parameters each hostile kind takes (and requires).
+PARAMS = {
+    "drip": ({"rate", "size"}, set()),
+    "early_hints": ({"gap"}, set()),
+    "big": ({"size", "framing"}, {"size"}),
+    "payload": ({"body", "status"}, {"body"}),
+    "raw": ({"data", "gap", "close"}, {"data"}),
+}
+FRAMINGS = ("length", "chunked", "close")
+PIECE = 64 * 1024  # streamed bodies are written in pieces of this size
 # Kinds a client with standard-mode retries must retry (and the rest it must not).
-TRANSIENT = ("500", "503", "throttling", "toomany", "429", "reset", "midbody", "hang")
+TRANSIENT = ("500", "503", "throttling", "toomany", "429", "reset", "midbody", "hang",
+             "drip", "big")  # a drip ends in a timeout; "big" is over the 1 MiB cap
 CLIENT_ERRORS = ("notfound", "accessdenied", "validation")
 
 
 class Do:
-    """One scripted behaviour: ``kind`` (see ``KINDS``) after ``delay_ms`` ms."""
+    """One scripted behaviour: ``kind`` (see ``KINDS``) after ``delay_ms`` ms; the
+    hostile kinds take keyword parameters (module docstring)."""
 
-    __slots__ = ("kind", "delay_ms")
+    __slots__ = ("kind", "delay_ms", "params")
 
-    def __init__(self, kind="ok", delay_ms=0):
+    def __init__(self, kind="ok", delay_ms=0, **params):
         if kind not in KINDS:
             raise ValueError(f"unknown behaviour {kind!r}; one of {KINDS}")
+        allowed, required = PARAMS.get(kind, (set(), set()))
+        if set(params) - allowed or required - set(params):
+            raise ValueError(f"{kind!r} takes {sorted(allowed) or 'no parameters'} "
+                             f"(required: {sorted(required)}), got {sorted(params)}")
+        if kind == "big" and params.get("framing", "length") not in FRAMINGS:
+            raise ValueError(f"framing must be one of {FRAMINGS}")
         self.kind = kind
         self.delay_ms = delay_ms
+        self.params = params
 
     def __repr__(self):
-        return f"Do({self.kind!r}, delay_ms={self.delay_ms})"
+        shown = "".join(f", {k}={v!r}" for k, v in self.params.items()
+                        if not isinstance(v, bytes) or len(v) <= 40)
+        return f"Do({self.kind!r}, delay_ms={self.delay_ms}{shown})"
 
 
 def _as_do(item):
@@ -102,6 +164,8 @@ class FakeAWS:
         self._values = {}        # ssm name -> (value, type, version)
         self._secrets = {}       # secret id -> (string or None, binary or None, version id)
         self._counts = defaultdict(int)   # (target, name) -> n
+        self._done = 0                    # calls whose answer has been written (or failed)
+        self._done_cond = threading.Condition(self._lock)
         self.requests = []
         fake = self
 
@@ -116,7 +180,12 @@ class FakeAWS:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def do_POST(self):
-                fake._handle(self)
+                try:
+                    fake._handle(self)
+                finally:
+                    with fake._done_cond:
+                        fake._done += 1
+                        fake._done_cond.notify_all()
 
             def do_GET(self):
                 self._send(404, {"__type": "UnknownOperationException"})
@@ -197,14 +266,34 @@ class FakeAWS:
         with self._lock:
             self._counts.clear()
             self.requests.clear()
+            self._done = 0
+
+    def wait_done(self, n, timeout=10.0):
+        """Wait until ``n`` calls (since the last ``reset_counts``) have been answered
+        in full or have failed; True if so within ``timeout`` s."""
+        with self._done_cond:
+            return self._done_cond.wait_for(lambda: self._done >= n, timeout)
+
+    def ok_answer(self, name, target=SSM_GET):
+        """The body (bytes) of the ``ok`` answer for ``name``, as a call would get it:
+        for building ``raw`` answers that carry another name's value."""
+        if target == SSM_GET:
+            return self._ssm_ok(name, {"Name": name})
+        return self._sm_ok(name)
+
+    def requests_for(self, name):
+        """The recorded requests (dicts) whose Name / SecretId is ``name``, in order."""
+        with self._lock:
+            return [r for r in self.requests if r["name"] == name]
 
     def close(self):
         """Stop serving; wakes hanging and delayed handlers. Idempotent."""
         self._stop.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        with self._lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     def __enter__(self):
         return self
@@ -236,10 +325,12 @@ class FakeAWS:
             return
         name = body.get("Name") if target == SSM_GET else body.get("SecretId")
         do = self._next(name)
+        record = {"target": target, "name": name, "body": body,
+                  "headers": list(h.headers.items()), "behaviour": do,
+                  "sent": None, "complete": None}
         with self._lock:
             self._counts[(target, name)] += 1
-            self.requests.append({"target": target, "body": body,
-                                  "headers": list(h.headers.items()), "behaviour": do})
+            self.requests.append(record)
         if do.delay_ms and self._stop.wait(do.delay_ms / 1000.0):
             return self._abort(h, reset=True)
         if target not in (SSM_GET, SM_GET):
@@ -276,6 +367,149 @@ class FakeAWS:
         elif kind == "hang":
             self._stop.wait(120)
             self._abort(h, reset=True)
+        elif kind in ("drip", "early_hints", "big", "payload", "raw"):
+            if kind == "raw":
+                data = do.params["data"]
+                needs_ok = any(callable(p) for p in (data if isinstance(data, (list, tuple))
+                                                     else [data]))
+            elif kind == "payload":
+                needs_ok = callable(do.params["body"])
+            else:
+                needs_ok = True
+            ok = b""
+            if needs_ok:
+                if not isinstance(name, str) or not name:
+                    h._send(400, {"__type": "ValidationException",
+                                  "message": "1 validation error detected"})
+                    return
+                ok = self._ssm_ok(name, body) if target == SSM_GET else self._sm_ok(name)
+            getattr(self, "_do_" + kind)(h, do.params, ok, record)
+
+    # ------------------------------------------------------------ hostile kinds
+
+    def _stream(self, h, record, pieces, total, chunked=False):
+        """Write body pieces (``total`` bytes in all); record how much went out.
+        Returns True if the whole body was written."""
+        sent = 0
+        try:
+            for piece in pieces:
+                if self._stop.is_set():
+                    break
+                if chunked:
+                    h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                else:
+                    h.wfile.write(piece)
+                sent += len(piece)
+            if chunked and sent == total:
+                h.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass
+        with self._lock:
+            record["sent"], record["complete"] = sent, sent == total
+        if sent != total:
+            h.close_connection = True
+        return sent == total
+
+    @staticmethod
+    def _padded(ok, size):
+        """Pieces of ``ok`` followed by spaces, ``size`` bytes in all, PIECE at a time."""
+        if size < len(ok):
+            raise ValueError(f"size {size} is smaller than the answer ({len(ok)} bytes)")
+        first = ok + b" " * max(0, min(PIECE, size) - len(ok))
+        yield first
+        left = size - len(first)
+        blank = b" " * PIECE
+        while left > 0:
+            piece = blank if left >= PIECE else blank[:left]
+            left -= len(piece)
+            yield piece
+
+    def _do_drip(self, h, params, ok, record):
+        rate = params.get("rate", 10)
+        size = params.get("size") or len(ok)
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\n"
+                b"x-amzn-RequestId: %s\r\nContent-Length: %d\r\n\r\n"
+                % (str(uuid.uuid4()).encode(), size))
+        try:
+            h.wfile.write(head)
+        except OSError:
+            h.close_connection = True
+            return
+        # A tenth of a second's worth of bytes ten times a second.
+        step = max(1, rate // 10)
+        interval = step / float(rate)
+
+        def pieces():
+            body_iter = self._padded(ok, size)
+            pending = b""
+            for chunk in body_iter:
+                pending += chunk
+                while len(pending) >= step:
+                    yield pending[:step]
+                    pending = pending[step:]
+                    if self._stop.wait(interval):
+                        return
+            if pending:
+                yield pending
+
+        self._stream(h, record, pieces(), size)
+
+    def _do_early_hints(self, h, params, ok, record):
+        interim = (b"HTTP/1.1 103 Early Hints\r\n"
+                   b"Link: </style.css>; rel=preload; as=style\r\n\r\n")
+        gap = params.get("gap", 0.2)
+        try:
+            if gap:
+                h.wfile.write(interim)
+                if self._stop.wait(gap):
+                    h.close_connection = True
+                    return
+                h.wfile.write(http_response(200, ok))
+            else:
+                h.wfile.write(interim + http_response(200, ok))
+        except OSError:
+            h.close_connection = True
+
+    def _do_big(self, h, params, ok, record):
+        size = params["size"]
+        framing = params.get("framing", "length")
+        lines = [b"HTTP/1.1 200 OK", b"Content-Type: application/x-amz-json-1.1",
+                 b"x-amzn-RequestId: " + str(uuid.uuid4()).encode()]
+        if framing == "length":
+            lines.append(b"Content-Length: %d" % size)
+        elif framing == "chunked":
+            lines.append(b"Transfer-Encoding: chunked")
+        else:
+            lines.append(b"Connection: close")
+        try:
+            h.wfile.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        except OSError:
+            h.close_connection = True
+            return
+        self._stream(h, record, self._padded(ok, size), size, chunked=framing == "chunked")
+        if framing == "close":
+            h.close_connection = True
+
+    def _do_payload(self, h, params, ok, record):
+        body = params["body"]
+        if callable(body):
+            body = body(json.loads(ok))
+        if not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        h._send(params.get("status", 200), body)
+
+    def _do_raw(self, h, params, ok, record):
+        data = params["data"]
+        pieces = data if isinstance(data, (list, tuple)) else [data]
+        try:
+            for i, piece in enumerate(pieces):
+                if i and self._stop.wait(params.get("gap", 0.2)):
+                    break
+                h.wfile.write(piece(ok) if callable(piece) else piece)
+        except OSError:
+            h.close_connection = True
+        if params.get("close"):
+            h.close_connection = True
 
     @staticmethod
     def _abort(h, reset):
@@ -328,9 +562,18 @@ class FakeAWS:
                 secret_id, (f"value-of-{secret_id}", None,
                             "b1c367b9-7f53-4a47-82c4-be51a054b953")
             )
-        short = secret_id.split(":secret:", 1)[1] if secret_id.startswith("arn:") else secret_id
+        if secret_id.startswith("arn:") and ":secret:" in secret_id:
+            short = secret_id.split(":secret:", 1)[1]
+            if re.search(r"-[A-Za-z0-9]{6}$", short):
+                # A full ARN: AWS answers with it, and the name without the suffix.
+                arn, short = secret_id, short[:-7]
+            else:
+                arn = secret_id + "-AbCdEf"  # a partial ARN: AWS adds the suffix
+        else:
+            short = secret_id
+            arn = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{short}-AbCdEf"
         out = {
-            "ARN": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{short}-AbCdEf",
+            "ARN": arn,
             "CreatedDate": "__TS__",
             "Name": short,
             "VersionId": version_id,
@@ -368,6 +611,20 @@ class FakeAWS:
                                     f"on resource {name}"}
         return 400, {"__type": "ValidationException",
                      "message": "1 validation error detected"}
+
+
+def http_response(status, body, headers=(), reason=None):
+    """The bytes of one HTTP/1.1 answer: status line, AWS's Content-Type, the given
+    ``headers`` (pairs), Content-Length, body (bytes or a JSON-able object). For
+    ``Do("raw", data=...)``: several answers in one write, an answer with a body
+    its status must not have, and the like."""
+    if not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+    reason = reason or http.server.BaseHTTPRequestHandler.responses.get(status, ("X",))[0]
+    lines = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/x-amz-json-1.1"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def _with_timestamps(payload):

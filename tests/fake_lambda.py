@@ -1,8 +1,9 @@
 """A stdlib fake of the AWS Lambda Runtime API and Extensions API, with a tiny runtime.
 
-It runs a built layer the way Lambda does (facts: the Lambda developer guide and the
-open-source Runtime Interface Emulator (RIE), as summarised in the project's
-spec/lambda-extensions-api.md; the 403 bodies follow the RIE's handlers):
+It runs a built layer the way Lambda does (facts: the Lambda developer guide's Extensions
+API and Runtime API pages and the open-source Runtime Interface Emulator (RIE); the 403
+bodies follow the RIE's handlers; what the RIE does not show, freezes and SnapStart, is
+in the project's docs/pitfalls.md, "Lambda's real life"):
 
 * the layer zip is unpacked into a temporary "/opt" (modes kept) and every plain file
   in ``opt/extensions/`` is started (at most 10), all at once, with the function's
@@ -29,7 +30,31 @@ spec/lambda-extensions-api.md; the 403 bodies follow the RIE's handlers):
   "shutdownReason":...}`` with the deadline 2000 ms after the shutdown began;
   stragglers are SIGKILLed at the deadline and recorded;
 * any extension exit outside SHUTDOWN is recorded as ``Extension.Crash`` (even exit 0),
-  and an invocation during which that happens fails with ``Extension.Crash``.
+  and an invocation during which that happens fails with ``Extension.Crash``;
+* the environment carries ``AWS_LAMBDA_INITIALIZATION_TYPE``: ``on-demand`` by default,
+  ``init_type="snap-start"`` for the INIT of a SnapStart version (after which Lambda
+  snapshots the memory of every process and restores it, possibly days later, in a
+  new environment: the monotonic clock does not count the time in between, the wall
+  clock is set right);
+* freeze (docs/pitfalls.md): between events Lambda freezes every process of the
+  environment, the monotonic clock running on. ``freeze_between_invokes=seconds``
+  SIGSTOPs the process group of every extension and of the runtime when INIT or an
+  invocation ends, and SIGCONTs them when the next invocation or SHUTDOWN is sent, no
+  sooner than ``seconds`` after the freeze began (a test talking to a process between
+  invocations would block: the processes are stopped). ``freeze(seconds)`` freezes on
+  demand (``freeze()`` with no duration: until ``thaw()`` or the next event); each
+  freeze's length is recorded in ``freezes``;
+* wall clock (opt-in, ``faketime=True``; needs libfaketime, see ``find_libfaketime``):
+  every process starts with ``LD_PRELOAD`` = libfaketime, ``FAKETIME_DONT_FAKE_MONOTONIC=1``
+  and ``FAKETIME_NO_CACHE=1``, reading its offset from a timestamp file (``+0`` at
+  first) that ``set_wall_clock_offset(seconds)`` rewrites: ``time.time()`` moves,
+  ``time.monotonic()`` does not, as after a SnapStart restore; the ``deadlineMs`` of
+  later events is on the moved clock, as Lambda's and the environment's clocks agree
+  (the times the fake records stay real). With that setting
+  ``time.sleep()`` fails with EINVAL on Python 3.11+ (libfaketime issue 426): the
+  runtime gets a ``sitecustomize`` that sleeps with ``select`` instead; the extension,
+  started by its bootstrap with ``python -E -s -S``, gets none, so it must not call
+  ``time.sleep`` while the wall clock is faked.
 
 The runtime side is a small Python process implementing the Runtime API loop
 (``/2018-06-01/runtime/invocation/next``, ``.../response``, ``.../error``,
@@ -42,6 +67,14 @@ Use as a context manager::
         init = lam.start()
         result = lam.invoke({"k": "v"})
         shutdown = lam.shutdown("spindown")
+
+A SnapStart restore three days after INIT::
+
+    with LambdaEnvironment(layer_zip, tmp_path, env, files, init_type="snap-start",
+                           faketime=True) as lam:
+        lam.start()
+        lam.set_wall_clock_offset(3 * 86400)
+        result = lam.invoke({})
 """
 
 import io
@@ -63,6 +96,60 @@ RUNTIME_BASE = "/2018-06-01/runtime"
 ACCOUNT_ID = "123456789012"
 MAX_EXTENSIONS = 10
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# The values Lambda gives AWS_LAMBDA_INITIALIZATION_TYPE (developer guide, "Defined
+# runtime environment variables").
+INIT_TYPES = ("on-demand", "provisioned-concurrency", "snap-start")
+
+# Where Debian's package ``libfaketime`` puts the library (the directory is named after
+# the architecture's multiarch triplet), and other usual places.
+LIBFAKETIME_GLOBS = ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
+                     "/usr/local/lib/faketime/libfaketime.so.1", "/usr/lib64/faketime/libfaketime.so.1")
+
+# sitecustomize for a Python process whose wall clock libfaketime fakes with
+# FAKETIME_DONT_FAKE_MONOTONIC=1: time.sleep() fails with EINVAL there on Python 3.11+
+# (libfaketime issue 426); select() with a timeout is not intercepted.
+SLEEP_SHIM = """\
+import select as _select
+import time as _time
+
+
+def _sleep(seconds):
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    _select.select([], [], [], seconds)
+
+
+_time.sleep = _sleep
+"""
+
+
+def find_libfaketime():
+    """The path of libfaketime.so.1 if it is installed (Debian: ``apt-get install
+    libfaketime``), else None."""
+    import glob
+
+    for pattern in LIBFAKETIME_GLOBS:
+        for path in sorted(glob.glob(pattern)):
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def faketime_env(library, timestamp_file):
+    """The variables that make libfaketime move ``time.time()`` by the offset written in
+    ``timestamp_file`` (re-read at every call) while ``time.monotonic()`` stays real."""
+    return {"LD_PRELOAD": library, "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_TIMESTAMP_FILE": str(timestamp_file), "FAKETIME_NO_CACHE": "1"}
+
+
+def write_wall_clock_offset(timestamp_file, seconds):
+    """Set the offset (whole seconds, may be negative) that ``faketime_env`` processes
+    add to the real wall clock. Written to a new file then renamed, so a process never
+    reads a half-written offset."""
+    tmp = str(timestamp_file) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{int(seconds):+d}\n")
+    os.replace(tmp, str(timestamp_file))
 
 # The Runtime API loop of the function side; written to the work dir and run with the
 # test's Python. It calls the handler exactly as Lambda's Python runtime would.
@@ -197,7 +284,7 @@ class InvokeResult:
 class ShutdownResult:
     def __init__(self, reason, deadline_ms, exits, killed, runtime_killed, sent_at_ms):
         self.reason = reason
-        self.deadline_ms = deadline_ms
+        self.deadline_ms = deadline_ms  # the deadlineMs sent (on the processes' wall clock)
         self.sent_at_ms = sent_at_ms
         self.exits = exits            # name -> (returncode, exit time as epoch ms)
         self.killed = killed          # names SIGKILLed at the deadline
@@ -210,6 +297,22 @@ class ShutdownResult:
 
 def _now_ms():
     return int(time.time() * 1000)
+
+
+def _wait_stopped(pid, timeout=2.0):
+    """Wait until process ``pid`` is stopped (or gone). SIGSTOP is delivered
+    asynchronously; /proc/PID/stat's third field is ``T`` once it took effect. Where there
+    is no /proc, returns at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("T", "t", "Z", "X"):
+            return
+        time.sleep(0.001)
 
 
 def unpack_layer(layer_zip, opt_dir):
@@ -234,7 +337,8 @@ class LambdaEnvironment:
 
     def __init__(self, layer_zip, workdir, env, task_files, handler="handler.handler",
                  function_name="my-function", init_timeout=10.0, shutdown_ms=2000,
-                 runtime_sigterm_ms=300, python=None, on_register=None, extra_opt=None):
+                 runtime_sigterm_ms=300, python=None, on_register=None, extra_opt=None,
+                 init_type="on-demand", freeze_between_invokes=None, faketime=False):
         self.layer_zip = layer_zip
         self.workdir = str(workdir)
         self.function_name = function_name
@@ -250,6 +354,15 @@ class LambdaEnvironment:
         # is sent: lets a test act while the extension is blocked in /register.
         self.on_register = on_register
         self.extra_opt = dict(extra_opt or {})
+        if init_type not in INIT_TYPES:
+            raise ProtocolError(f"init_type must be one of {INIT_TYPES}, not {init_type!r}")
+        self.init_type = init_type
+        # Seconds every process stays frozen between two events (None: never frozen).
+        self.freeze_between_invokes = freeze_between_invokes
+        self.freezes = []             # length in seconds of every freeze, in order
+        self._frozen_at = None        # monotonic time the current freeze began
+        self._freeze_min = 0.0        # how long the current freeze lasts at least
+        self._frozen_groups = []      # process groups the current freeze stopped
 
         self.cv = threading.Condition()
         self.extensions = {}          # id -> Extension
@@ -277,6 +390,20 @@ class LambdaEnvironment:
         self.log_dir = os.path.join(self.workdir, "logs")
         for d in (self.opt_dir, self.task_dir, self.log_dir):
             os.makedirs(d, exist_ok=True)
+        self.faketime_library = None
+        self.timestamp_file = None
+        self.wall_clock_offset = 0
+        self.shim_dir = None
+        if faketime:
+            self.faketime_library = find_libfaketime()
+            if self.faketime_library is None:
+                raise ProtocolError("faketime=True needs libfaketime (Debian: apt-get install libfaketime)")
+            self.timestamp_file = os.path.join(self.workdir, "faketime-offset")
+            write_wall_clock_offset(self.timestamp_file, 0)
+            self.shim_dir = os.path.join(self.workdir, "faketime-site")
+            os.makedirs(self.shim_dir, exist_ok=True)
+            with open(os.path.join(self.shim_dir, "sitecustomize.py"), "w") as f:
+                f.write(SLEEP_SHIM)
 
         fake = self
 
@@ -350,7 +477,7 @@ class LambdaEnvironment:
             "AWS_LAMBDA_FUNCTION_NAME": self.function_name,
             "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "128",
-            "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
+            "AWS_LAMBDA_INITIALIZATION_TYPE": self.init_type,
             "AWS_EXECUTION_ENV": "AWS_Lambda_python3.12",
             "LAMBDA_TASK_ROOT": self.task_dir,
             "_HANDLER": self.handler,
@@ -358,6 +485,8 @@ class LambdaEnvironment:
             # pointed at the test's interpreter instead.
             "PARAMETERS_SECRETS_EXTENSION_PYTHON": self.python,
         }
+        if self.faketime_library is not None:
+            env.update(faketime_env(self.faketime_library, self.timestamp_file))
         for key, value in self.user_env.items():
             if value is None:
                 env.pop(key, None)
@@ -367,6 +496,12 @@ class LambdaEnvironment:
 
     def _log(self, what):
         self.events_log.append((_now_ms(), what))
+
+    def _process_now_ms(self):
+        """Epoch ms on the processes' wall clock: real time unless ``set_wall_clock_offset``
+        moved it. Event deadlines are given in it; every time the fake records
+        (``events_log``, exit times, ``sent_at_ms``) is real time."""
+        return _now_ms() + self.wall_clock_offset * 1000
 
     # ------------------------------------------------------------------ HTTP routes
 
@@ -590,11 +725,13 @@ class LambdaEnvironment:
                 self.env_failure = "Runtime.ExitError"
             self.cv.notify_all()
 
-    def _spawn(self, argv, log_name, cwd):
+    def _spawn(self, argv, log_name, cwd, extra_env=None):
         log_path = os.path.join(self.log_dir, log_name + ".log")
         log = open(log_path, "ab")
+        env = self.function_env()
+        env.update(extra_env or {})
         try:
-            proc = subprocess.Popen(argv, env=self.function_env(), cwd=cwd,
+            proc = subprocess.Popen(argv, env=env, cwd=cwd,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)
         finally:
@@ -673,8 +810,13 @@ class LambdaEnvironment:
             # Every extension registered: now (and only now) the runtime starts.
             self.runtime_started_at = time.monotonic()
             self._log("runtime start")
+            extra = None
+            if self.faketime_library is not None:
+                # The runtime's time.sleep must work under libfaketime (see SLEEP_SHIM).
+                path = self.function_env().get("PYTHONPATH")
+                extra = {"PYTHONPATH": self.shim_dir + (os.pathsep + path if path else "")}
             self.runtime_proc, _ = self._spawn([self.python, runtime_path], "runtime",
-                                               self.task_dir)
+                                               self.task_dir, extra)
             self._thread(self._watch_runtime)
 
             def all_ready():
@@ -688,6 +830,7 @@ class LambdaEnvironment:
             self.registration_closed = True
             self.phase = "ready"
             self._log("init done")
+        self._freeze_after_event()
         return InitResult(True, None, None)
 
     def _init_failed(self, error_type, detail):
@@ -706,13 +849,15 @@ class LambdaEnvironment:
 
     def invoke(self, payload=None, timeout=10.0):
         """Run one invocation; return an ``InvokeResult`` once Lambda would end it."""
+        self._thaw_for_event()
         with self.cv:
             if self.phase != "ready":
                 raise ProtocolError(f"cannot invoke in phase {self.phase} "
                                     f"(failure: {self.env_failure})")
             self.phase = "invoke"
             request_id = str(uuid.uuid4())
-            deadline_ms = _now_ms() + int(timeout * 1000)
+            # In the processes' wall clock, as Lambda's and the restored microVM's agree.
+            deadline_ms = self._process_now_ms() + int(timeout * 1000)
             trace = (f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};"
                      f"Parent={uuid.uuid4().hex[:16]};Sampled=0")
             inv = {"request_id": request_id, "deadline_ms": deadline_ms, "trace": trace,
@@ -746,16 +891,19 @@ class LambdaEnvironment:
                 return InvokeResult(request_id, "error", None, "Sandbox.Timedout", inv)
             self.phase = "ready"
             status, body, error_type = inv["answer"]
-            return InvokeResult(request_id, status, body, error_type, inv)
+        self._freeze_after_event()
+        return InvokeResult(request_id, status, body, error_type, inv)
 
     def shutdown(self, reason="spindown"):
         """Shut the environment down as Lambda does; return a ``ShutdownResult``."""
+        self._thaw_for_event()
         with self.cv:
             if self.phase in ("shutdown", "closed"):
                 raise ProtocolError("already shut down")
             self.phase = "shutdown"
             began_ms = _now_ms()
-            deadline_ms = began_ms + self.shutdown_ms
+            real_deadline_ms = began_ms + self.shutdown_ms
+            deadline_ms = self._process_now_ms() + self.shutdown_ms  # what the event says
             self._log(f"shutdown {reason}")
         runtime_killed = False
         if self.runtime_proc is not None and self.runtime_proc.poll() is None:
@@ -776,7 +924,7 @@ class LambdaEnvironment:
                 if ext is not None and "SHUTDOWN" in ext.events:
                     ext.pending.append(dict(event))
             self.cv.notify_all()
-            deadline = time.monotonic() + (deadline_ms - _now_ms()) / 1000
+            deadline = time.monotonic() + (real_deadline_ms - _now_ms()) / 1000
             self._wait(lambda: all(r.exited_at is not None for r in self.processes.values()),
                        deadline)
             stragglers = [r for r in self.processes.values() if r.exited_at is None]
@@ -806,6 +954,77 @@ class LambdaEnvironment:
     def kill_extension(self, name, sig=signal.SIGKILL):
         """Send ``sig`` to the extension process started from file ``name``."""
         os.killpg(self.processes[name].proc.pid, sig)
+
+    # ------------------------------------------------------------------ freeze and clock
+
+    def _live_groups(self):
+        """The process group ids (= pids: each process starts its own session) of every
+        extension and of the runtime that still run."""
+        procs = [r.proc for r in self.processes.values()]
+        if self.runtime_proc is not None:
+            procs.append(self.runtime_proc)
+        return [p.pid for p in procs if p.poll() is None]
+
+    @property
+    def frozen(self):
+        return self._frozen_at is not None
+
+    def freeze(self, seconds=None):
+        """SIGSTOP every process of the environment, as Lambda freezes it between events.
+
+        With ``seconds``: SIGCONT them ``seconds`` after the freeze began, then return.
+        Without: they stay stopped until ``thaw()``, ``invoke()`` or ``shutdown()``.
+        Returns once every process is actually stopped (Linux: state T in /proc).
+        """
+        if self._frozen_at is None:
+            self._frozen_groups = self._live_groups()
+            for pgid in self._frozen_groups:
+                try:
+                    os.killpg(pgid, signal.SIGSTOP)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            for pgid in self._frozen_groups:
+                _wait_stopped(pgid)
+            self._frozen_at = time.monotonic()
+            self._freeze_min = 0.0
+            self._log("freeze")
+        if seconds is not None:
+            self._freeze_min = max(self._freeze_min, float(seconds))
+            self.thaw()
+
+    def thaw(self):
+        """SIGCONT what ``freeze`` stopped, once the freeze has lasted its minimum."""
+        if self._frozen_at is None:
+            return
+        remaining = self._frozen_at + self._freeze_min - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
+        for pgid in self._frozen_groups:
+            try:
+                os.killpg(pgid, signal.SIGCONT)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.freezes.append(time.monotonic() - self._frozen_at)
+        self._frozen_at = None
+        self._log("thaw")
+
+    def _freeze_after_event(self):
+        if self.freeze_between_invokes is not None and self.phase == "ready":
+            self.freeze()
+            self._freeze_min = float(self.freeze_between_invokes)
+
+    def _thaw_for_event(self):
+        self.thaw()
+
+    def set_wall_clock_offset(self, seconds):
+        """Move the wall clock (``time.time()``) of every process to real time + ``seconds``;
+        their monotonic clocks stay real. Needs ``faketime=True``. Takes effect at their
+        next clock reading (libfaketime re-reads the file every time)."""
+        if self.timestamp_file is None:
+            raise ProtocolError("set_wall_clock_offset needs LambdaEnvironment(..., faketime=True)")
+        write_wall_clock_offset(self.timestamp_file, seconds)
+        self.wall_clock_offset = int(seconds)
+        self._log(f"wall clock offset {int(seconds):+d} s")
 
     def close(self):
         """Kill whatever still runs and stop the API server (idempotent)."""

@@ -3,14 +3,14 @@
 The real extension talks to moto through a counting proxy (tests/conftest.py); each
 test asserts how many GetParameter / GetSecretValue calls went upstream.
 
-Facts copied from the specs (tests must not read ../shared):
-- configuration.md: SSM_PARAMETER_STORE_TTL / SECRETS_MANAGER_TTL (default 300 s;
+Facts checked here, and where they are written down:
+- docs/configuration.md: SSM_PARAMETER_STORE_TTL / SECRETS_MANAGER_TTL (default 300 s;
   0 = bypass the cache for that service), PARAMETERS_SECRETS_EXTENSION_CACHE_ENABLED
   (TRUE/FALSE, any case; FALSE bypasses entirely), PARAMETERS_SECRETS_EXTENSION_CACHE_SIZE
   (0-1000, default 1000; 0 = bypass).
-- issue 2: the cache is keyed by everything that changes the answer (service, name or
-  id, selector / version / stage, decryption flag), with least-recently-used eviction
-  at the size cap; errors are never cached.
+- docs/design.md: the cache is keyed by everything that changes the answer (service,
+  name or id, selector / version / stage, decryption flag), with least-recently-used
+  eviction at the size cap; errors are never cached.
 - README.md: header X-Parameters-Secrets-Cache: hit | miss | stale | bypass on every
   200 from the two routes; refreshNow=true|false|1|0 forces a fresh read.
 """

@@ -17,19 +17,12 @@ Two layers:
   127.0.0.1.
 """
 
-import sys
 import urllib.parse
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import extension  # noqa: E402
-
-from conftest import SM_GET, SSM_GET  # noqa: E402
+import extension
+from conftest import SM_GET, SSM_GET
 
 SERVICES = ("ssm", "secretsmanager")
 

@@ -1,10 +1,11 @@
 """Bad input and hostile callers.
 
 Each case sends something malformed or hostile to a real extension subprocess over a
-raw socket, checks that it gets a clear 4xx (or, for bytes that are not HTTP at all,
-a closed connection), that nothing reached AWS, that it logged at most about one
-line (LOG_LEVEL=info), and then that the SAME server still answers a well-formed
-request with 200. No input error may ever produce a 500.
+raw socket, checks that it gets the exact refusal, a 4xx with a JSON error type (or a
+closed connection where the server must stop reading a huge request), that nothing
+reached AWS, that it logged at most about one line (LOG_LEVEL=info), and then that the
+SAME server still answers a well-formed request with 200. No input error may ever
+produce a 500.
 
 Facts used: SSM parameter names are 1-2048 characters (SSM API reference,
 GetParameter ``Name``); README.md's error types (``MalformedQuery``,
@@ -353,7 +354,8 @@ def test_request_cut_off_half_way(served):
             data = b""
         finally:
             sock.close()
-        assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:200]
+        # The client ended its side mid-head: nothing to answer, the server just closes.
+        assert data == b"", data[:200]
 
     check_case(s, action)
 

@@ -5,8 +5,8 @@ The real extension runs as a subprocess; AWS is a moto server reached through a
 counting proxy (tests/conftest.py) so that a test can also check what was (or was not)
 sent upstream.
 
-Facts copied from the specs (tests must not read ../shared):
-- http-api.md: routes, query keys, the official body shape (PascalCase, every field
+Facts checked here, and where they are written down:
+- docs/http-api.md: routes, query keys, the official body shape (PascalCase, every field
   present, null when absent, ISO-8601 UTC with milliseconds, base64 binary,
   "ResultMetadata": {}), Selector ":1" / ":Dev", first of version/label wins, the
   error table (AWS status and JSON passed through; 401/403; 400 naming the key; 404;
@@ -16,7 +16,7 @@ Facts copied from the specs (tests must not read ../shared):
   ForwardedRequestRefused, NotFound, MethodNotAllowed, UpstreamUnreachable,
   UpstreamTimeout); AWS errors normalised to {"__type", "message"}; the token is
   checked before the query is parsed or anything is fetched.
-- pitfalls.md (observed moto behaviour): moto answers GetParameter "name:1" with
+- docs/pitfalls.md (observed moto behaviour): moto answers GetParameter "name:1" with
   "Selector": null; an undecrypted SecureString reads "kms:alias/aws/ssm:<plaintext>";
   ResourceNotFoundException is 404 in moto; /aws/reference/secretsmanager/<id> needs
   WithDecryption=true (else 400 ValidationException, with the key "Message").
@@ -187,8 +187,8 @@ def test_parameter_route_with_and_without_trailing_slash(api, route):
 
 @pytest.mark.parametrize("route", [SECRETS, SECRETS + "/"])
 def test_secret_route_with_and_without_trailing_slash(api, route):
-    # http-api.md lists the trailing slash for the parameter route only; we expect the
-    # same leniency on the secrets route (a caller should not get 404 for a slash).
+    # docs/http-api.md documents the trailing slash for the parameter route only; the
+    # secrets route is as lenient (a caller should not get 404 for a slash).
     status, headers, body = api.ext.get_json(route + q(secretId="app/db"))
     assert status == 200, body
     assert headers["Content-Type"].split(";")[0].strip() == "application/json"
@@ -327,7 +327,7 @@ def test_secure_string_with_decryption(api, query, decrypted):
     if decrypted:
         assert p["Value"] == SECURE_PLAINTEXT
     else:
-        # moto's stand-in for ciphertext (pitfalls.md): never the bare plaintext.
+        # moto's stand-in for ciphertext (docs/pitfalls.md): never the bare plaintext.
         assert p["Value"] == "kms:alias/aws/ssm:" + SECURE_PLAINTEXT
     assert api.proxy.bodies(SSM_GET) == [{"Name": "/app/secure", "WithDecryption": decrypted}]
 
@@ -501,7 +501,7 @@ def test_access_denied_passes_through(world, start_extension):
             {"Effect": "Allow", "Action": "ssm:GetParameter", "Resource": "*"}]}),
     )
     key = iam.create_access_key(UserName="api-reader")["AccessKey"]
-    # Long-term keys: no session token may be signed (pitfalls.md), so the request
+    # Long-term keys: no session token may be signed (docs/pitfalls.md), so the request
     # token comes from AWS_TOKEN.
     ext = start_extension(world.moto, env={
         "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
@@ -523,17 +523,17 @@ def test_access_denied_passes_through(world, start_extension):
 
 
 @pytest.mark.parametrize(
-    "path,target",
+    "path,target,status",
     [
-        (PARAMS + "?name=not-yet", SSM_GET),
-        (SECRETS + "?secretId=not-yet", SM_GET),
+        (PARAMS + "?name=not-yet", SSM_GET, 400),       # ParameterNotFound
+        (SECRETS + "?secretId=not-yet", SM_GET, 404),   # ResourceNotFoundException (moto)
     ],
 )
-def test_aws_errors_are_never_cached(fresh, path, target):
+def test_aws_errors_are_never_cached(fresh, path, target, status):
     # Default configuration: the cache is on, yet an error is fetched again each time.
     for _ in range(3):
-        status, _, _ = fresh.ext.get(path)
-        assert status in (400, 404)
+        got, _, body = fresh.ext.get(path)
+        assert got == status, body
     assert fresh.proxy.count(target) == 3
     # Once the item exists, the very next read sees it (no cached error).
     if target == SSM_GET:
@@ -574,8 +574,9 @@ def test_wrong_token_is_403_and_nothing_is_fetched(api, how):
 
 
 def test_empty_token_header_is_refused(api):
+    # An empty header is a token that does not match, not a missing one.
     status, headers, body = api.ext.get(PARAMS + "?name=MyParameter", token="")
-    assert status in (401, 403), body
+    assert_error(status, headers, body, 403, "InvalidToken")
     assert api.proxy.count() == 0
 
 
@@ -632,7 +633,7 @@ def test_invalid_query_value_is_400_naming_the_key(api, path, key):
 @pytest.mark.parametrize(
     "path,typo,intended",
     [
-        # A typo must not silently return ciphertext (issue 2).
+        # A typo must not silently return ciphertext: refused, naming the intended key.
         (PARAMS + "?name=%2Fapp%2Fsecure&withdecryption=true", "withdecryption",
          "withDecryption"),
         (PARAMS + "?name=%2Fapp%2Fsecure&WithDecryption=true", "WithDecryption",
@@ -714,8 +715,13 @@ def test_other_methods_are_405_with_allow_get(api, method, path):
 
 
 def test_server_keeps_serving_after_bad_requests(api):
-    for path in (PARAMS, PARAMS + "?name=%ZZ", "/nope", PARAMS + "?withdecryption=1"):
-        assert api.ext.get(path)[0] in (400, 404)
+    for path, status, error_type in (
+        (PARAMS, 400, "MissingQueryKey"),
+        (PARAMS + "?name=%ZZ", 400, "MalformedQuery"),
+        ("/nope", 404, "NotFound"),
+        (PARAMS + "?withdecryption=1", 400, "UnknownQueryKey"),
+    ):
+        assert_error(*api.ext.get(path), status, error_type)
     assert api.ext.request("POST", PARAMS)[0] == 405
     status, _, body = api.ext.get_json(PARAMS + "?name=MyParameter")
     assert status == 200 and body["Parameter"]["Value"] == "hello"
@@ -762,7 +768,7 @@ def test_upstream_timeout_is_504(start_extension, black_hole, path, variable):
 
 
 def test_documented_urllib_client_example_works(world, start_extension):
-    # The handler AWS documents (http-api.md), with the port made ours: urllib,
+    # The handler AWS documents (docs/http-api.md), with the port made ours: urllib,
     # "localhost", the token header, an encoded hierarchical name.
     ext = start_extension(world.moto)
     aws_session_token = ext.token
@@ -787,7 +793,7 @@ def _has_ipv6_loopback():
 
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no ::1")
 def test_ipv6_loopback_also_answers(api):
-    # README.md / http-api.md: also listen on ::1 where the host has it, so a client
+    # README.md: also listen on ::1 where the host has it, so a client
     # whose "localhost" resolves to ::1 first is not refused.
     import http.client
 

@@ -1,6 +1,6 @@
 """The layer: build_layer.sh's zip, and the bootstrap that Lambda starts from it.
 
-Facts (spec/lambda-extensions-api.md): Lambda unpacks a layer into /opt and starts every
+Facts (docs/design.md): Lambda unpacks a layer into /opt and starts every
 plain file in /opt/extensions/; the extension must register under that file's name, so
 the layer holds extensions/<name> (the launcher, executable) and <name>/extension.py.
 Lambda's Python runtimes keep their interpreter at /var/lang/bin/python3; other runtimes

@@ -5,11 +5,10 @@ fetches planted values (a SecureString with and without decryption, a string sec
 a binary secret, a Secrets Manager reference), provokes errors (missing and wrong
 token, not found, bad query), stops it, then searches all of stdout and stderr.
 
-Source of the rule: issue 2 ("Never a secret value or the token, at any level") and
-the team guide's non-negotiables ("a secret value or the session token never appears
-in a log line or an error body"). pitfalls.md: moto's undecrypted SecureString value
-is "kms:alias/aws/ssm:<plaintext>", so it contains the plaintext and must not be
-logged either.
+Source of the rule: README.md (the extension never logs or echoes a secret value, a
+parameter value or a token, at any level; error bodies included). docs/pitfalls.md:
+moto's undecrypted SecureString value is "kms:alias/aws/ssm:<plaintext>", so it
+contains the plaintext and must not be logged either.
 """
 
 import base64
@@ -58,13 +57,14 @@ SUCCESS_PATHS = [
     PARAMS + "?name=" + enc("/aws/reference/secretsmanager/leak/ref") + "&withDecryption=true",
 ]
 
+# (path, status): AWS's errors with moto's statuses, then the extension's own refusals.
 ERROR_PATHS = [
-    PARAMS + "?name=" + enc("/leak/missing"),
-    SECRETS + "?secretId=" + enc("leak/missing"),
-    PARAMS + "?name=" + enc("/aws/reference/secretsmanager/leak/ref"),  # needs decryption
-    PARAMS + "?name=" + enc("/leak/secure") + "&withdecryption=true",  # typo
-    PARAMS + "?name=%ZZ",
-    "/no/such/route",
+    (PARAMS + "?name=" + enc("/leak/missing"), 400),                          # ParameterNotFound
+    (SECRETS + "?secretId=" + enc("leak/missing"), 404),                      # ResourceNotFound
+    (PARAMS + "?name=" + enc("/aws/reference/secretsmanager/leak/ref"), 400),  # needs decryption
+    (PARAMS + "?name=" + enc("/leak/secure") + "&withdecryption=true", 400),  # key typo
+    (PARAMS + "?name=%ZZ", 400),                                              # MalformedQuery
+    ("/no/such/route", 404),
 ]
 
 VARIANTS = {
@@ -109,14 +109,15 @@ def test_no_secret_token_or_key_in_output(moto, planted, start_extension, varian
             assert status == 200, (path, body)
             bodies.append(body)
     error_bodies = []
-    for path in ERROR_PATHS:
+    for path, expected in ERROR_PATHS:
         status, _, body = ext.get(path)
-        assert status >= 400, (path, body)
+        assert status == expected, (path, body)
         error_bodies.append(body)
     for path in SUCCESS_PATHS[:1] + SUCCESS_PATHS[3:4]:
         for tok in (None, wrong_token, token + "x", token[:-1]):
             status, _, body = ext.get(path, token=tok)
-            assert status in (401, 403), (path, body)
+            # No header: 401 MissingToken; a wrong one: 403 InvalidToken (README.md).
+            assert status == (401 if tok is None else 403), (path, body)
             error_bodies.append(body)
 
     # The planted values did come through the extension (so the search means something).

@@ -7,12 +7,12 @@ extension.py) exactly as Lambda does, with the extension talking to moto through
 AWS_ENDPOINT_URL. The function side is a small runtime that imports a handler built
 around AWS's documented client example (below, verbatim).
 
-Lifecycle facts (spec/lambda-extensions-api.md, README.md "How the extension is
-started"): register under the exact file name for INVOKE and SHUTDOWN, loop on
-/event/next, exit 0 before deadlineMs on SHUTDOWN (any reason, any case), report a
-failure before the first /event/next with POST /init/error and a specific
-Lambda-Extension-Function-Error-Type, then exit non-zero (2); serve requests already
-during init (the official extension answers 400 then; ours 200).
+Lifecycle facts (docs/design.md, README.md "Design notes"): register under the exact
+file name for INVOKE and SHUTDOWN, loop on /event/next, exit 0 before deadlineMs on
+SHUTDOWN (any reason, any case), report a failure before the first /event/next with
+POST /init/error and a specific Lambda-Extension-Function-Error-Type, then exit
+non-zero (2); serve requests already during init (the official extension answers 400
+then; ours 200).
 """
 
 import json
@@ -40,8 +40,8 @@ SECRET_VALUE = '{"username": "app", "password": "s3cr3t-Value!"}'
 
 # AWS's documented way to call the extension, copied VERBATIM from the AWS Lambda
 # documentation "Using Parameter Store parameters in AWS Lambda functions" / "Use Secrets
-# Manager secrets in Lambda functions" (as kept in the project's spec/http-api.md,
-# section "The documented client example"). It must work unchanged.
+# Manager secrets in Lambda functions" (as quoted in docs/http-api.md). It must work
+# unchanged.
 DOC_EXAMPLE = """\
 import urllib.request
 import os
@@ -334,9 +334,9 @@ def test_shutdown_exits_zero_before_the_deadline(make_lambda, seeded, moto, tmp_
 def test_shutdown_lets_an_in_flight_request_finish(make_lambda, tmp_path):
     """SHUTDOWN while a request waits on a slow AWS: it still gets its 200, then exit 0.
 
-    Issue: "On SHUTDOWN: stop accepting, let in-flight requests finish, exit 0 well
-    before deadlineMs". Upstream is tests/fake_aws.py (helper "reliability"), answering
-    after 600 ms; the shutdown deadline is 2000 ms away.
+    On SHUTDOWN the extension stops accepting, lets in-flight requests finish and exits
+    0 well before deadlineMs. Upstream is tests/fake_aws.py, answering after 600 ms; the
+    shutdown deadline is 2000 ms away.
     """
     from fake_aws import Do, FakeAWS
 
@@ -508,7 +508,7 @@ def test_standalone_sigterm_twenty_times(tmp_path, layer_zip, moto):
     """Without AWS_LAMBDA_RUNTIME_API: a server that stops on SIGTERM with exit 0, every time.
 
     Started through the layer's bootstrap, which must exec Python (the signal then
-    reaches the extension itself). pitfalls.md: a SIGTERM delivered to a worker thread
+    reaches the extension itself). docs/pitfalls.md: a SIGTERM delivered to a worker thread
     can leave a main thread blocked forever (about once in 20 cycles), so 20 cycles in
     a row. Even cycles send SIGTERM once GET /ping answers 200; odd cycles as soon as
     the port accepts a TCP connection (what a TCP readiness probe sees), which lands the
@@ -552,7 +552,7 @@ def test_standalone_sigterm_twenty_times(tmp_path, layer_zip, moto):
 def test_the_bootstraps_python_variable_is_not_taken_for_a_typo(tmp_path, layer_zip, moto):
     """PARAMETERS_SECRETS_EXTENSION_PYTHON is the layer's own (documented) variable.
 
-    The extension warns about look-alikes of its variables (configuration.md); the
+    The extension warns about look-alikes of its variables (docs/configuration.md); the
     bootstrap's interpreter override is no misspelling and must not be reported as one.
     """
     from fake_lambda import unpack_layer

@@ -8,16 +8,10 @@ moto: the prefetch calls happen without any request to the extension, and the la
 requests with the same selectors are cache hits that make no call at all.
 """
 
-import re
-
-from conftest import SM_GET, SSM_GET, wait_for
+from conftest import SM_GET, SSM_GET, wait_for, warn_lines
 
 PARAM = "/systemsmanager/parameters/get"
 SECRET = "/secretsmanager/get"
-
-
-def _warn_lines(ext):
-    return [line for line in ext.stderr().splitlines() if re.match(r"^\[[^\]]+\] WARN ", line)]
 
 
 def get_hit(ext, proxy, path):
@@ -151,7 +145,7 @@ def test_failed_prefetch_warns_and_the_extension_serves(
              message="the prefetch calls")
 
     def all_warned():
-        warns = _warn_lines(ext)
+        warns = warn_lines(ext.stderr())
         return all(any(entry in line for line in warns)
                    for entry in ("/does/not/exist", "no/such/secret", "bogus:thing",
                                  "badKey", "maybe", "justaname"))
@@ -181,7 +175,7 @@ def test_prefetch_with_aws_unreachable_does_not_fail_init(start_extension):
         "SSM_PARAMETER_STORE_TIMEOUT_MILLIS": "1000",
         "SECRETS_MANAGER_TIMEOUT_MILLIS": "1000",
     })
-    wait_for(lambda: len(_warn_lines(ext)) >= 2, timeout=20,
+    wait_for(lambda: len(warn_lines(ext.stderr())) >= 2, timeout=20,
              message="two prefetch WARN lines:\n" + ext.stderr())
     assert ext.alive()
     status, _, body = ext.get_json(PARAM + "?name=p")

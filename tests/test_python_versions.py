@@ -1,4 +1,4 @@
-"""extension.py runs on every Python that Lambda offers (3.9 onwards, pitfalls.md): the
+"""extension.py runs on every Python that Lambda offers (3.9 onwards, docs/pitfalls.md): the
 real extension, started with each Python 3.9+ interpreter this machine has, serves a
 parameter and a secret from moto and stops cleanly on SIGTERM.
 

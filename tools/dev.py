@@ -1,11 +1,14 @@
 """Developer entry point: a local venv with pinned dependencies, then one of
 
-    python3 tools/dev.py demo    # moto + the extension on 127.0.0.1, a value fetched through it
-    python3 tools/dev.py test    # the whole test suite (pytest arguments may follow)
-    python3 tools/dev.py bench   # the benchmark (arguments follow, e.g. --json)
+    python3 tools/dev.py demo [--once]   # moto + the extension on 127.0.0.1, a value fetched through it
+    python3 tools/dev.py test [ARGS]     # the whole test suite (ARGS go to pytest, e.g. -k sigv4 -x)
+    python3 tools/dev.py bench [ARGS]    # the benchmark (ARGS go to bench/bench.py, e.g. --json)
+    python3 tools/dev.py --help          # this text; `demo --help` explains the demo
 
 Only the standard library is needed to run this file. The venv lives in .venv/ and is
-(re)built whenever requirements-dev.txt changes. The extension itself needs none of it.
+(re)built from requirements-dev.txt whenever that file changes, so the first run (and
+the first after a change of pins) needs the package index (PyPI, or PIP_INDEX_URL).
+The extension itself needs none of it.
 """
 
 import hashlib
@@ -35,15 +38,21 @@ def venv_python():
     wanted = hashlib.sha256(REQUIREMENTS.read_bytes() + sys.version.encode()).hexdigest()
     if python.exists() and stamp.exists() and stamp.read_text() == wanted:
         return python
-    if sys.version_info < (3, 9):
+    # Kept although ruff's target is py39: this file is what someone runs with whatever
+    # python3 they have, and an older one must get this line rather than a traceback.
+    if sys.version_info < (3, 9):  # noqa: UP036
         sys.exit("[dev] Python 3.9 or newer is needed")
-    say(f"creating {VENV.name}/ with the pinned test dependencies (once)")
+    say(f"creating {VENV.name}/ from the pinned {REQUIREMENTS.name} (once; needs the package index)")
     try:
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
     except subprocess.CalledProcessError:
         sys.exit("[dev] python3 -m venv failed; on Debian/Ubuntu install python3-venv first")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "-r", str(REQUIREMENTS)], check=True)
+    try:
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "-r", str(REQUIREMENTS)], check=True)
+    except subprocess.CalledProcessError:
+        sys.exit(f"[dev] pip could not install {REQUIREMENTS.name}: is the package index reachable "
+                 "(PyPI, or the one PIP_INDEX_URL names)?")
     stamp.write_text(wanted)
     return python
 
@@ -82,16 +91,42 @@ print(json.dumps(json.loads(config), indent=2))
 """
 
 
+DEMO_USAGE = """usage: python3 tools/dev.py demo [--once]
+
+Starts moto (a local AWS emulator) on 127.0.0.1, seeds it with the parameters
+/my/parameter and /my/db-password (SecureString) and the secret my/api-key, starts
+extension.py on port 2773 (or $PARAMETERS_SECRETS_EXTENSION_HTTP_PORT) against it, and
+fetches /my/parameter with the README's Python example. Then it keeps serving and
+prints two curl commands to try, until Ctrl-C or SIGTERM, which stop moto and the
+extension too.
+
+  --once      exit after the example's answer
+  -h, --help  this text
+"""
+
+
+class Stop(Exception):
+    """Raised by the SIGTERM / SIGHUP handler, so that demo()'s finally stops the children."""
+
+
+def _raise_stop(signum, frame):
+    raise Stop(signal.Signals(signum).name)
+
+
 def demo(python, args):
+    # Without this, SIGTERM (a process manager, `timeout`, `kill`) ends this process
+    # at once and leaves moto and the extension running, holding their ports.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_stop)
     moto_port, port = free_port(), int(os.environ.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT") or 2773)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
            "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
            "AWS_SESSION_TOKEN": "demo-token", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}",
            "PARAMETERS_SECRETS_EXTENSION_HTTP_PORT": str(port)}
-    moto = subprocess.Popen([str(python), "-c", DEMO_SEED, str(moto_port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    extension = None
+    moto = extension = None
     try:
+        moto = subprocess.Popen([str(python), "-c", DEMO_SEED, str(moto_port)], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
         # moto announces itself on stdout first; the seed script ends with "seeded".
         if not any(line.strip() == "seeded" for line in moto.stdout):
             sys.exit("[dev] the moto emulator did not start")
@@ -112,31 +147,46 @@ def demo(python, args):
         subprocess.run([sys.executable, "-c", DEMO_CLIENT.format(port=port)], env=env, check=True)
         if "--once" in args:
             return 0
-        say("try it yourself while this runs (Ctrl-C stops):")
+        say("try it yourself while this runs (Ctrl-C or SIGTERM stops):")
         print(f"  curl -s -H 'X-Aws-Parameters-Secrets-Token: demo-token' "
               f"'http://localhost:{port}/systemsmanager/parameters/get?name=%2Fmy%2Fdb-password&withDecryption=true'")
         print(f"  curl -s -H 'X-Aws-Parameters-Secrets-Token: demo-token' "
               f"'http://localhost:{port}/secretsmanager/get?secretId=my/api-key'", flush=True)
-        try:
-            extension.wait()
-        except KeyboardInterrupt:
-            pass
+        extension.wait()
         return 0
+    except (KeyboardInterrupt, Stop):
+        return 0  # a requested stop; the children are stopped below
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
         for process in (extension, moto):
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+        for process in (extension, moto):
+            if process is not None:
                 try:
                     process.wait(10)
                 except subprocess.TimeoutExpired:
                     process.kill()
+                    process.wait()
 
 
 def main(argv):
     command = argv[1] if len(argv) > 1 else "help"
     if command not in ("demo", "test", "bench"):
-        print(__doc__)
-        return 0 if command in ("help", "-h", "--help") else 2
+        if command in ("help", "-h", "--help"):
+            print(__doc__)
+            return 0
+        print(__doc__, file=sys.stderr)
+        print(f"[dev] unknown command {command!r}", file=sys.stderr)
+        return 2
+    if command == "demo" and ("-h" in argv[2:] or "--help" in argv[2:]):
+        print(DEMO_USAGE, end="")  # before the venv: help needs no package index
+        return 0
+    if command == "demo" and set(argv[2:]) - {"--once"}:
+        print(DEMO_USAGE, end="", file=sys.stderr)
+        return 2
     python = venv_python()
     os.chdir(ROOT)
     if command == "demo":

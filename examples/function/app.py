@@ -46,7 +46,7 @@ def _get(path, query):
     except urllib.error.HTTPError as err:
         # Error bodies are {"__type": ..., "message": ...}: safe to report.
         detail = err.read().decode("utf-8", "replace")
-        raise ExtensionError("%s %s: HTTP %d %s" % (path, query, err.code, detail)) from None
+        raise ExtensionError(f"{path} {query}: HTTP {err.code} {detail}") from None
 
 
 def get_parameter(name, with_decryption=True):
