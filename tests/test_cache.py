@@ -245,7 +245,7 @@ def test_client_errors_never_fall_back_to_a_stale_value():
     clock.advance(20)
     for status, error_type in ((400, "ParameterNotFound"), (400, "AccessDeniedException"),
                                (404, "ResourceNotFoundException")):
-        def failing():
+        def failing(status=status, error_type=error_type):
             raise extension.AwsError(status, error_type, "")
 
         with pytest.raises(extension.AwsError):

@@ -51,7 +51,8 @@ class FakeCredentialsEndpoint:
 
     ``expected_token`` is what ``Authorization`` must equal (401 otherwise).
     ``responses`` is a list of credential dicts (or ``(status, raw body)`` tuples for a
-    broken answer) served in order; the last one is served again for every later call. ``calls`` records each request's Authorization header.
+    broken answer) served in order; the last one is served again for every later call.
+    ``calls`` records each request's Authorization header.
     """
 
     def __init__(self, expected_token, responses):
@@ -93,7 +94,7 @@ class FakeCredentialsEndpoint:
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d/creds" % self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/creds"
         threading.Thread(target=self._server.serve_forever,
                          kwargs={"poll_interval": 0.05}, daemon=True).start()
 
@@ -140,7 +141,7 @@ def container_creds(key_id, expires_in=datetime.timedelta(hours=6)):
 
 def _header(request, name):
     values = [v for k, v in request["headers"] if k.lower() == name.lower()]
-    assert len(values) <= 1, "header %s sent %d times" % (name, len(values))
+    assert len(values) <= 1, f"header {name} sent {len(values)} times"
     return values[0] if values else None
 
 
@@ -148,7 +149,7 @@ def signer(request):
     """(access key id, x-amz-security-token or None) of one request the proxy saw."""
     auth = _header(request, "Authorization") or ""
     match = re.search(r"Credential=([^/,\s]+)/", auth)
-    assert match, "no SigV4 Authorization header: %r" % auth
+    assert match, f"no SigV4 Authorization header: {auth!r}"
     token = _header(request, "X-Amz-Security-Token")
     if token is not None:
         # The token must also be covered by the signature.
@@ -166,7 +167,7 @@ def get_param(ext, name, token=None):
 
 def seed_params(ssm, count):
     for i in range(count):
-        ssm.put_parameter(Name="p%d" % i, Value="value-%d" % i, Type="String")
+        ssm.put_parameter(Name=f"p{i}", Value=f"value-{i}", Type="String")
 
 
 def _error_lines(text):
@@ -217,10 +218,10 @@ def test_container_credentials_are_cached(moto, ssm, counting_proxy, creds_endpo
     })
     assert ext.token == "tok"
     for i in range(5):
-        status, _, body = get_param(ext, "p%d" % i)
+        status, _, body = get_param(ext, f"p{i}")
         assert status == 200, body
         # refreshNow forces an AWS call each time: still no new credentials.
-        status, _, body = get_param(ext, "p%d&refreshNow=true" % i)
+        status, _, body = get_param(ext, f"p{i}&refreshNow=true")
         assert status == 200, body
     assert proxy.count(SSM_GET) == 10
     assert endpoint.count() == 1
@@ -239,7 +240,7 @@ def test_container_credentials_refreshed_before_expiration(
     proxy = counting_proxy(moto)
     ext = start_on_container_credentials(start_extension, proxy.url, endpoint)
     for i in range(3):
-        status, _, body = get_param(ext, "p%d" % i)
+        status, _, body = get_param(ext, f"p{i}")
         assert status == 200, body
     assert proxy.count(SSM_GET) == 3
     # First answer (about to expire), then the fresh one, then no more fetches.
@@ -332,7 +333,7 @@ def test_concurrent_requests_fetch_credentials_once(moto, ssm, counting_proxy,
     ext = start_on_container_credentials(start_extension, proxy.url, endpoint,
                                          PARAMETERS_SECRETS_EXTENSION_MAX_CONNECTIONS="8")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda i: get_param(ext, "p%d" % i), range(8)))
+        results = list(pool.map(lambda i: get_param(ext, f"p{i}"), range(8)))
     assert [status for status, _, _ in results] == [200] * 8, results
     assert endpoint.count() == 1
     assert proxy.count(SSM_GET) == 8
@@ -548,7 +549,7 @@ def test_profile_needing_sso_or_role_is_refused(start_extension_raw, tmp_path, w
     home = tmp_path / "home"
     aws = home / ".aws"
     aws.mkdir(parents=True)
-    text = "[%s]\n%s\n" % (section, "\n".join(lines))
+    text = "[{}]\n{}\n".format(section, "\n".join(lines))
     if section == "dev":
         text = "[default]\nregion = us-east-1\n\n" + text
     (aws / where).write_text(text)
@@ -618,8 +619,7 @@ def test_aws_token_with_static_keys_authenticated(moto, ssm, secretsmanager,
 
     # Same keys from a shared credentials file.
     path = tmp_path / "credentials"
-    path.write_text("[local]\naws_access_key_id = %s\naws_secret_access_key = %s\n"
-                    % (key_id, secret))
+    path.write_text(f"[local]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n")
     ext2 = start_extension(proxy.url, env=_file_env(path, AWS_PROFILE="local"))
     status, _, body = get_param(ext2, "p0")
     assert status == 200, body

@@ -106,7 +106,7 @@ def handler_source(port=2773, fetch_at_init=True):
     """The handler module: DOC_EXAMPLE (port adjusted only when not 2773) + HANDLER_TAIL."""
     doc = DOC_EXAMPLE
     if port != 2773:
-        doc = doc.replace("localhost:2773", "localhost:%d" % port)
+        doc = doc.replace("localhost:2773", f"localhost:{port}")
     return doc + HANDLER_TAIL.format(port=port, secret_id=SECRET_ID,
                                      fetch_at_init=bool(fetch_at_init))
 
@@ -163,7 +163,7 @@ def make_lambda(tmp_path, layer_zip):
     made = []
 
     def make(env, task_files=None, layer=None, **kwargs):
-        workdir = tmp_path / ("lambda%d" % len(made))
+        workdir = tmp_path / f"lambda{len(made)}"
         port = int(env.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT", 2773))
         files = task_files or {"handler.py": handler_source(port)}
         lam = LambdaEnvironment(layer or layer_zip, workdir, env, files, **kwargs)
@@ -530,7 +530,7 @@ def test_standalone_sigterm_twenty_times(tmp_path, layer_zip, moto):
         proc = subprocess.Popen([str(opt / "extensions" / NAME)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            def up():
+            def up(proc=proc, ready=ready, port=port):
                 assert proc.poll() is None, proc.stdout.read().decode()
                 return ready(port)
             wait_for(up, interval=0.002, message=f"cycle {i}: {ready.__name__}")
