@@ -33,6 +33,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -698,6 +699,7 @@ def measure_cold_start(launcher, endpoint, settings):
         kinds.append("extension_from_source")
     times = {who: [] for who in kinds + ["python_S_pass"]}
     rss = {who: [] for who in kinds}
+    stops = []  # ms from SIGTERM to exit, the extension with one idle keep-alive connection
     for i in range(settings.cold_start_runs):
         for who in kinds if i % 2 == 0 else kinds[::-1]:
             port = free_port()
@@ -710,17 +712,35 @@ def measure_cold_start(launcher, endpoint, settings):
                 ready = wait_for_ping(proc, port)
                 times[who].append((ready - start) * 1000.0)
                 rss[who].append(rss_mib(proc.pid))
+                if who == "extension":
+                    stops.append(time_stop(proc, port))
             finally:
                 launcher.stop(proc)
         start = time.perf_counter()
         subprocess.run([launcher.python, "-S", "-c", "pass"], check=True)
         times["python_S_pass"].append((time.perf_counter() - start) * 1000.0)
     return {
+        "stop_ms": statistics.median(stops),
+        "stop_runs_ms": stops,
         "start_ms": {who: statistics.median(v) for who, v in times.items()},
         "start_runs_ms": times,
         "idle_rss_mib": {who: statistics.median(v) for who, v in rss.items()},
         "idle_rss_runs_mib": rss,
     }
+
+
+def time_stop(proc, port):
+    """ms from SIGTERM to the process's exit, with nothing in flight and one idle
+    keep-alive connection open (as a function that keeps its connection leaves it)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/ping")
+    conn.getresponse().read()
+    start = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(5)
+    elapsed = (time.perf_counter() - start) * 1000.0
+    conn.close()
+    return elapsed
 
 
 def measure_filled_memory(launcher, moto_endpoint, settings):
@@ -900,6 +920,11 @@ def build_rows(r):
     rows.append(row("cold start, exec to first /ping 200", f"{s['extension']:.0f} ms", f"floor {s['floor']:.0f} ms",
                     f"{ratio:.2f}x", "<= 1.3x floor", ratio <= 1.3,
                     f"python3 -S -c pass: {s['python_S_pass']:.0f} ms"))
+
+    stop = cold["stop_ms"]
+    rows.append(row("stop, SIGTERM to exit, nothing in flight", f"{stop:.1f} ms", "-", "-", "<= 50 ms",
+                    stop <= 50.0, f"one idle keep-alive connection open; runs: "
+                                  f"{', '.join(f'{v:.1f}' for v in cold['stop_runs_ms'])} ms"))
 
     if "extension_from_source" in s:
         rows.append(row("cold start, extension.py run as a script", f"{s['extension_from_source']:.0f} ms",
