@@ -710,7 +710,8 @@ class LambdaEnvironment:
             proc_rec.exited_at = _now_ms()
             self._log(f"exit {proc_rec.name} {proc_rec.returncode}")
             if not proc_rec.shutdown_sent and self.phase != "closed":
-                # Spec: any exit other than after SHUTDOWN is a crash, even status 0.
+                # Any exit other than after SHUTDOWN is a crash, even status 0
+                # (docs/design.md, "The Lambda Extensions API").
                 self.crashes.append((proc_rec.name, proc_rec.returncode, self.phase))
                 if self.env_failure is None:
                     self.env_failure = "Extension.Crash"

@@ -331,7 +331,7 @@ def test_global_override_with_trailing_slash(moto, ssm, counting_proxy, start_ex
 def test_unusable_override_refuses_to_start(start_extension_raw, value):
     """A malformed endpoint override is a configuration error reported at start
     (exit 2, one ERROR line naming the variable), not a failure on every request.
-    (the spec is silent; this is the behaviour chosen)"""
+    (our choice, documented in docs/configuration.md, "Refusing to start")"""
     ext = start_extension_raw(None, env={"AWS_ENDPOINT_URL_SSM": value,
                                          "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert ext.proc.returncode == 2, ext.stderr()

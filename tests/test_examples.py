@@ -178,7 +178,7 @@ def _function_environment(template, parameter_name, secret_arn):
             return resolved[value["Ref"]]
         if "Fn::Sub" in value:
             return re.sub(r"\$\{([^}]+)\}", lambda m: resolved[m.group(1)], value["Fn::Sub"])
-        raise AssertionError("unexpected intrinsic in the function environment: %r" % value)
+        raise AssertionError(f"unexpected intrinsic in the function environment: {value!r}")
 
     _, function = _one(template, "AWS::Serverless::Function")
     return {k: resolve(v) for k, v in function["Properties"]["Environment"]["Variables"].items()}

@@ -432,7 +432,7 @@ def test_secret_by_arn(api, encoded):
 
 
 def test_secret_id_with_unencoded_plus_is_taken_literally(api):
-    # Our choice (the spec is silent): "+" in a query value stays "+" rather than
+    # Our choice (docs/http-api.md, "Query strings"): "+" in a query value stays "+" rather than
     # becoming a space. Secret names may contain "+" but never a space, and SSM names
     # allow neither, so the literal reading serves every valid name, and clients that
     # form-encode (space as "+", "+" as "%2B") still work.

@@ -113,14 +113,14 @@ def test_layer_pythons_add_bytecode_for_each_version(tmp_path):
     from test_python_versions import FOUND
 
     others = {version: path for version, path in FOUND.items()
-              if version != "%d.%d" % sys.version_info[:2]}
+              if version != f"{sys.version_info[0]}.{sys.version_info[1]}"}
     if not others:
         pytest.skip("no other Python 3.9+ on this machine")
     zip_path = build_ok(tmp_path, env_extra={"LAYER_PYTHONS": " ".join(others.values())})
     with zipfile.ZipFile(zip_path) as zf:
         _, bytecode = sources_and_bytecode(zf.namelist())
     expected = {f"{NAME}/__pycache__/extension.cpython-{version.replace('.', '')}.pyc"
-                for version in list(others) + ["%d.%d" % sys.version_info[:2]]}
+                for version in list(others) + [f"{sys.version_info[0]}.{sys.version_info[1]}"]}
     assert expected <= set(bytecode)
 
 

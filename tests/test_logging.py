@@ -82,7 +82,7 @@ def _emf_lines(text):
 def _no_leaks(ext, *values):
     logs = ext.logs()
     for value in (ext.token,) + values:
-        assert value not in logs, "leaked into the logs: %r" % value
+        assert value not in logs, f"leaked into the logs: {value!r}"
 
 
 # ----------------------------------------------------------------- JSON format
@@ -112,7 +112,7 @@ def test_json_log_format_every_line_is_one_object(moto, ssm, secretsmanager,
         try:
             obj = json.loads(line)
         except ValueError:
-            pytest.fail("not a JSON log line: %r" % line)
+            pytest.fail(f"not a JSON log line: {line!r}")
         assert isinstance(obj, dict), line
         if "_aws" in obj:
             continue  # an EMF line is JSON too (not enabled here, see below)
@@ -131,7 +131,7 @@ def test_json_log_format_every_line_is_one_object(moto, ssm, secretsmanager,
     objs = [json.loads(line) for line in lines]
     objs = [o for o in objs if "_aws" not in o]
     assert any(o["level"] == "INFO"
-               and re.search(r"listening on 127\.0\.0\.1:%d" % ext.port, o["message"])
+               and re.search(rf"listening on 127\.0\.0\.1:{ext.port}", o["message"])
                for o in objs), objs
     assert any(o["level"] == "WARN" and "SSM_PARAMETER_STORE_TTL" in o["message"]
                for o in objs), objs
@@ -163,14 +163,14 @@ def test_text_log_format(moto, ssm, secretsmanager, start_extension):
     levels = set()
     for line in lines:
         match = TEXT_RE.match(line)
-        assert match, "not a '[name] LEVEL message' line: %r" % line
+        assert match, f"not a '[name] LEVEL message' line: {line!r}"
         assert match.group("name") == DEFAULT_NAME
         levels.add(match.group("level"))
     assert {"DEBUG", "INFO", "WARN"} <= levels
-    assert any(line == "[%s] INFO listening on 127.0.0.1:%d" % (DEFAULT_NAME, ext.port)
-               or line.startswith("[%s] INFO listening on 127.0.0.1:%d" % (DEFAULT_NAME, ext.port))
+    assert any(line == f"[{DEFAULT_NAME}] INFO listening on 127.0.0.1:{ext.port}"
+               or line.startswith(f"[{DEFAULT_NAME}] INFO listening on 127.0.0.1:{ext.port}")
                for line in lines), lines
-    assert any(re.match(r"^\[%s\] WARN .*SSM_PARAMETER_STORE_TTL" % DEFAULT_NAME, line)
+    assert any(re.match(rf"^\[{DEFAULT_NAME}\] WARN .*SSM_PARAMETER_STORE_TTL", line)
                for line in lines), lines
     _no_leaks(ext, "secret-value-for-logging-42")
 
@@ -243,7 +243,7 @@ def test_summary_line_at_sigterm(moto, ssm, secretsmanager, counting_proxy,
     assert ext.stop() == 0, ext.stderr()
     summary_lines = [line for line in _lines(ext.stderr()) if SUMMARY_RE.search(line)]
     assert len(summary_lines) == 1, ext.stderr()
-    assert summary_lines[0].startswith("[%s] INFO summary: " % DEFAULT_NAME), summary_lines
+    assert summary_lines[0].startswith(f"[{DEFAULT_NAME}] INFO summary: "), summary_lines
     got = _summary(ext.stderr())
     # misses: the 2 requests answered "miss", and the one that ended in
     # ParameterNotFound, which missed the cache too.

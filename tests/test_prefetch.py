@@ -26,7 +26,7 @@ def get_hit(ext, proxy, path):
     def hit():
         status, headers, body = ext.get_json(path)
         assert status == 200, (path, body)
-        assert proxy.count() == 0, "request %s made an AWS call: not prefetched" % path
+        assert proxy.count() == 0, f"request {path} made an AWS call: not prefetched"
         seen.append((headers, body))
         return headers.get("X-Parameters-Secrets-Cache") == "hit"
 
@@ -59,12 +59,12 @@ def test_prefetch_fills_the_cache_before_the_first_request(
         "secret:" + other_arn,  # an ARN holds ':' itself
     ]
     # Mixed separators: spaces, a comma, a newline and a tab.
-    value = "  %s %s,%s\n%s\t%s , %s %s " % tuple(entries)
+    value = "  {} {},{}\n{}\t{} , {} {} ".format(*tuple(entries))
     ext = start_extension(proxy.url, env={"PARAMETERS_SECRETS_EXTENSION_PREFETCH": value})
 
     # No request has been made (only GET /ping): the calls come from the prefetch.
     wait_for(lambda: proxy.count() >= len(entries), timeout=10,
-             message="%d prefetch calls" % len(entries))
+             message=f"{len(entries)} prefetch calls")
     assert proxy.count(SSM_GET) == 4
     assert proxy.count(SM_GET) == 3
     ssm_bodies = sorted(proxy.bodies(SSM_GET), key=lambda b: (b["Name"], b.get("WithDecryption")))
