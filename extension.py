@@ -760,11 +760,17 @@ def exchange(connection, method, target, headers, body, deadline, cap=MAX_ANSWER
         connection.putheader("Content-Length", str(len(body)))
     connection.endheaders(body)
     response = connection.getresponse()
-    if response.length is not None and response.length > cap:
-        raise UpstreamInvalidResponse(f"an answer of {response.length} bytes (at most {cap} are read)")
-    data = response.read(cap + 1)
-    if len(data) > cap:
-        raise UpstreamInvalidResponse(f"an answer over {cap} bytes")
+    try:
+        if response.length is not None and response.length > cap:
+            raise UpstreamInvalidResponse(f"an answer of {response.length} bytes (at most {cap} are read)")
+        data = response.read(cap + 1)
+        if len(data) > cap:
+            raise UpstreamInvalidResponse(f"an answer over {cap} bytes")
+    except BaseException:
+        # An answer that will close holds the socket itself (http.client hands it over),
+        # so closing the connection alone would leave it open until garbage collection.
+        response.close()
+        raise
     reusable = response.status >= 200 and response.isclosed() and not response.will_close
     return response.status, data, reusable
 

@@ -65,11 +65,13 @@ Calls are counted thread-safely by X-Amz-Target and by the raw name asked for
 (``Name`` / ``SecretId`` as sent, selector included): ``calls(target=None,
 name=None)``. ``requests`` keeps every call (target, name, parsed body, headers, the
 behaviour applied); ``requests_for(name)`` those of one name; ``ok_answer(name)`` is
-the body an ``ok`` call for ``name`` gets. Values: any name is answered with a generated value
-(``"value-of-<name>"``) unless ``set_value`` / ``set_secret`` gave one; setting a new
-value bumps the version, as AWS does. A secret asked for by ARN is answered as AWS
-does: a full ARN (ending in ``-`` and 6 characters) comes back as the ``ARN``, a
-partial ARN (no suffix) gets the suffix ``-AbCdEf``; ``Name`` is the name in either.
+the body an ``ok`` call for ``name`` gets.
+
+Values: any name is answered with a generated value (``"value-of-<name>"``) unless
+``set_value`` / ``set_secret`` gave one; setting a new value bumps the version, as
+AWS does. A secret asked for by ARN is answered as AWS does: a full ARN (ending in
+``-`` and 6 characters) comes back as the ``ARN``, a partial ARN (no suffix) gets the
+suffix ``-AbCdEf``; ``Name`` is the name in either.
 
 Where the wire shapes come from: the AWS API references of SSM ``GetParameter`` and
 Secrets Manager ``GetSecretValue`` (response syntax) and the JSON-1.1 error format

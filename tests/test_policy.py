@@ -348,6 +348,30 @@ def test_errors_that_are_not_retried(error):
     assert seen == [1]
 
 
+def test_no_free_connection_within_the_deadline_is_503_and_not_retried():
+    class Busy:
+        """Every connection taken: each wait runs out."""
+
+        def __init__(self):
+            self.waits = []
+
+        def acquire(self, timeout=None):
+            self.waits.append(timeout)
+            return False
+
+        def release(self):
+            raise AssertionError("released a connection it never had")
+
+    clock = Clock(100.0)
+    client = make_client(clock)
+    client._connections = Busy()
+    with pytest.raises(extension.ConnectionsBusy) as caught:
+        client.call("AmazonSSM.GetParameter", {}, 100.5, lambda answer: answer)
+    assert client._connections.waits == [0.5]  # the whole budget, once: no retry
+    assert (caught.value.status, caught.value.error_type) == (503, "ConnectionsBusy")
+    assert caught.value.transient and not caught.value.retryable  # a stale value may answer
+
+
 def test_an_invalid_answer_is_retried():
     answers = iter([{"Parameter": None}, PARAMETER_ANSWER])
     client = make_client(Clock(), attempts=lambda *args: next(answers))
