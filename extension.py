@@ -274,6 +274,7 @@ SETTINGS = (
 # never what someone who wrote 0 or 70000 meant.
 NOT_CLAMPED = frozenset(("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT",))
 
+
 def _typed(value, accepted):
     """A setting's value as Config holds it: true / false settings as booleans."""
     return value == "true" if accepted == ("true", "false") else value
@@ -326,15 +327,82 @@ class Config(namedtuple("Config", [name for name, _ in CONFIG_FIELDS],
     __slots__ = ()
 
     def __repr__(self):
-        shown = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self)
-                          if name not in SECRET_FIELDS)
-        return f"Config({shown})"
+        fields = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self)
+                           if name not in SECRET_FIELDS)
+        return f"Config({fields})"
 
 
 def _present(environ, name):
     """An empty variable counts as absent: the Lambda RIE sets AWS_SESSION_TOKEN= when unset."""
     value = environ.get(name)
     return value if value else None
+
+
+def near_miss_warnings(environ):
+    """WARN texts for variables that look like ours but are not spelled as ours."""
+    candidates = [name for name in environ if name not in KNOWN_VARIABLES
+                  and any(word in name.upper() for word in NEAR_MISS_WORDS)]
+    if not candidates:
+        return []
+    import difflib  # only when there is something to compare: keeps start-up lean
+
+    # Compared without the separators and the word AND: the commonest typos are
+    # PARAMETERS_AND_SECRETS_..., a missing S and a missing underscore.
+    table = {re.sub(r"_|AND", "", known): known for known in KNOWN_VARIABLES}
+    warnings = []
+    for name in sorted(candidates):
+        upper = name.upper()
+        if upper in KNOWN_VARIABLES:
+            intended = upper  # variable names are case-sensitive
+        else:
+            squashed = re.sub(r"_|AND", "", upper)
+            close = difflib.get_close_matches(squashed, table, n=1, cutoff=0.85)
+            if not close:
+                continue
+            intended = table[close[0]]
+        warnings.append(f"ignoring {name}: did you mean {intended}?")
+    return warnings
+
+
+def _without_userinfo(url):
+    """url with any user:password@ part replaced by ***@, for messages."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#@]*@", lambda m: (m.group(1) or "") + "***@", url)
+
+
+# Where each partition keeps its endpoints (checked against botocore's endpoint rules).
+PARTITION_SUFFIXES = (
+    ("cn-", "amazonaws.com.cn"),
+    ("us-isob-", "sc2s.sgov.gov"),
+    ("us-isof-", "csp.hci.ic.gov"),
+    ("us-iso-", "c2s.ic.gov"),
+    ("eu-isoe-", "cloud.adc-e.uk"),
+)
+ENDPOINT_OVERRIDES = {"ssm": "AWS_ENDPOINT_URL_SSM", "secretsmanager": "AWS_ENDPOINT_URL_SECRETS_MANAGER"}
+
+
+def endpoint_url(service, region, environ):
+    """The base URL for service ("ssm" or "secretsmanager") in region, as the SDKs choose it:
+    a service override, then AWS_ENDPOINT_URL, then the partition's (FIPS) endpoint."""
+    for variable in (ENDPOINT_OVERRIDES[service], "AWS_ENDPOINT_URL"):
+        override = _present(environ, variable)
+        if override:
+            parts = urlsplit(override)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{variable}={_without_userinfo(override)!r} is not an http(s) URL with a host")
+            if "@" in parts.netloc:
+                # It would go out in the Host header, and the message must not print it.
+                raise ValueError(f"{variable}={_without_userinfo(override)!r} holds a user or password: "
+                                 "AWS endpoints take none")
+            return override.rstrip("/")
+    if not re.fullmatch(r"[a-z0-9-]+", region):
+        raise ValueError(f"region {region!r} is not a region name")
+    suffix = next((s for prefix, s in PARTITION_SUFFIXES if region.startswith(prefix)), "amazonaws.com")
+    fips = (_present(environ, "AWS_USE_FIPS_ENDPOINT") or "").lower() == "true"
+    host = service
+    # GovCloud's Parameter Store endpoint is FIPS-validated already and has no -fips name.
+    if fips and not (service == "ssm" and region.startswith("us-gov-")):
+        host += "-fips"
+    return f"https://{host}.{region}.{suffix}"
 
 
 def _whole_number(variable, raw, default, minimum, maximum):
@@ -406,78 +474,18 @@ def load_config(environ):
     return Config(**values), messages
 
 
-def near_miss_warnings(environ):
-    """WARN texts for variables that look like ours but are not spelled as ours."""
-    candidates = [name for name in environ if name not in KNOWN_VARIABLES
-                  and any(word in name.upper() for word in NEAR_MISS_WORDS)]
-    if not candidates:
-        return []
-    import difflib  # only when there is something to compare: keeps start-up lean
-
-    # Compared without the separators and the word AND: the commonest typos are
-    # PARAMETERS_AND_SECRETS_..., a missing S and a missing underscore.
-    table = {re.sub(r"_|AND", "", known): known for known in KNOWN_VARIABLES}
-    warnings = []
-    for name in sorted(candidates):
-        upper = name.upper()
-        if upper in KNOWN_VARIABLES:
-            intended = upper  # variable names are case-sensitive
-        else:
-            squashed = re.sub(r"_|AND", "", upper)
-            close = difflib.get_close_matches(squashed, table, n=1, cutoff=0.85)
-            if not close:
-                continue
-            intended = table[close[0]]
-        warnings.append(f"ignoring {name}: did you mean {intended}?")
-    return warnings
-
-
-def _without_userinfo(url):
-    """url with any user:password@ part replaced by ***@, for messages."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#@]*@", lambda m: (m.group(1) or "") + "***@", url)
-
-
-# Where each partition keeps its endpoints (checked against botocore's endpoint rules).
-PARTITION_SUFFIXES = (
-    ("cn-", "amazonaws.com.cn"),
-    ("us-isob-", "sc2s.sgov.gov"),
-    ("us-isof-", "csp.hci.ic.gov"),
-    ("us-iso-", "c2s.ic.gov"),
-    ("eu-isoe-", "cloud.adc-e.uk"),
-)
-ENDPOINT_OVERRIDES = {"ssm": "AWS_ENDPOINT_URL_SSM", "secretsmanager": "AWS_ENDPOINT_URL_SECRETS_MANAGER"}
-
-
-def endpoint_url(service, region, environ):
-    """The base URL for service ("ssm" or "secretsmanager") in region, as the SDKs choose it:
-    a service override, then AWS_ENDPOINT_URL, then the partition's (FIPS) endpoint."""
-    for variable in (ENDPOINT_OVERRIDES[service], "AWS_ENDPOINT_URL"):
-        override = _present(environ, variable)
-        if override:
-            parts = urlsplit(override)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"{variable}={_without_userinfo(override)!r} is not an http(s) URL with a host")
-            if "@" in parts.netloc:
-                # It would go out in the Host header, and the message must not print it.
-                raise ValueError(f"{variable}={_without_userinfo(override)!r} holds a user or password: "
-                                 "AWS endpoints take none")
-            return override.rstrip("/")
-    if not re.fullmatch(r"[a-z0-9-]+", region):
-        raise ValueError(f"region {region!r} is not a region name")
-    suffix = next((s for prefix, s in PARTITION_SUFFIXES if region.startswith(prefix)), "amazonaws.com")
-    fips = (_present(environ, "AWS_USE_FIPS_ENDPOINT") or "").lower() == "true"
-    host = service
-    # GovCloud's Parameter Store endpoint is FIPS-validated already and has no -fips name.
-    if fips and not (service == "ssm" and region.startswith("us-gov-")):
-        host += "-fips"
-    return f"https://{host}.{region}.{suffix}"
-
-
 # ---------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------
 
 LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40, "none": 100}
+
+
+def iso8601(epoch_seconds):
+    """2022-11-16T08:22:40.362Z: the SDK's timestamp text, UTC with milliseconds."""
+    total_ms = int(round(epoch_seconds * 1000))
+    seconds, ms = divmod(total_ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
 
 class Logger:
@@ -536,13 +544,6 @@ def shown(text, limit=200):
     cut = len(text) > limit
     text = LOG_UNSAFE.sub(lambda match: f"\\x{ord(match.group()):02x}", text[:limit])
     return text + "\u2026" if cut else text
-
-
-def iso8601(epoch_seconds):
-    """2022-11-16T08:22:40.362Z: the SDK's timestamp text, UTC with milliseconds."""
-    total_ms = int(round(epoch_seconds * 1000))
-    seconds, ms = divmod(total_ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
 
 # ---------------------------------------------------------------------------
@@ -810,6 +811,21 @@ PROFILE_NEEDS_SDK = ("role_arn", "sso_session", "sso_start_url", "sso_account_id
                      "web_identity_token_file", "source_profile", "credential_source")
 
 
+def parse_iso8601(text):
+    """Epoch seconds of an ISO-8601 time such as 2026-11-26T16:00:00Z (a fraction and a
+    +hh:mm offset are honoured; no offset means UTC)."""
+    match = re.fullmatch(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)?", text.strip())
+    if not match:
+        raise ValueError(f"not an ISO-8601 time: {text!r}")
+    seconds = calendar.timegm(tuple(int(part) for part in match.groups()[:6]) + (0, 0, 0))
+    offset = match.group(8)
+    if offset and offset != "Z":
+        sign = -1 if offset[0] == "+" else 1
+        digits = offset[1:].replace(":", "")
+        seconds += sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return seconds + float(match.group(7) or 0)
+
+
 class CredentialProvider:
     """Credentials in the SDKs' order: environment keys, then container credentials
     (Lambda SnapStart, ECS), then static keys of the shared credentials file.
@@ -978,21 +994,6 @@ class CredentialProvider:
         return None
 
 
-def parse_iso8601(text):
-    """Epoch seconds of an ISO-8601 time such as 2026-11-26T16:00:00Z (a fraction and a
-    +hh:mm offset are honoured; no offset means UTC)."""
-    match = re.fullmatch(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)?", text.strip())
-    if not match:
-        raise ValueError(f"not an ISO-8601 time: {text!r}")
-    seconds = calendar.timegm(tuple(int(part) for part in match.groups()[:6]) + (0, 0, 0))
-    offset = match.group(8)
-    if offset and offset != "Z":
-        sign = -1 if offset[0] == "+" else 1
-        digits = offset[1:].replace(":", "")
-        seconds += sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
-    return seconds + float(match.group(7) or 0)
-
-
 # ---------------------------------------------------------------------------
 # AWS client: AWS JSON 1.1 over keep-alive connections, retries, budgets
 # ---------------------------------------------------------------------------
@@ -1007,6 +1008,33 @@ BACKOFF_CAP = 1.0         # a Lambda caller waits: never sleep longer than this
 ATTEMPT_TIMEOUT_WITHOUT_BUDGET = 10.0
 IDLE_CONNECTION_SECONDS = 20.0  # AWS closes idle keep-alive connections; do not reuse older
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
+
+
+AWS_ERROR_TYPE = re.compile(r"[A-Za-z0-9_.:#-]{1,256}")
+
+
+def aws_error(status, data):
+    """AwsError from an error answer: AWS JSON ({"__type": "...#Code", "message"}), or the
+    XML that moto (and AWS's front door) use for signature errors. Whatever the body holds
+    (garbage, deep nesting, wrong types), the result is a clean AwsError."""
+    error_type, message = "UnknownError", ""
+    text = data.decode("utf-8", "replace")
+    try:
+        parsed = json.loads(text)
+        if isinstance(parsed, dict):
+            found_type = parsed.get("__type") or parsed.get("code") or parsed.get("Code")
+            found_message = parsed.get("message") or parsed.get("Message")
+            error_type = found_type if isinstance(found_type, str) else error_type
+            message = found_message if isinstance(found_message, str) else ""
+    except (ValueError, RecursionError):
+        code = re.search(r"<Code>([^<]*)</Code>", text)
+        found = re.search(r"<Message>(?:<!\[CDATA\[(.*?)\]\]>|([^<]*))</Message>", text, re.DOTALL)
+        error_type = code.group(1) if code else error_type
+        message = (found.group(1) or found.group(2) or "") if found else ""
+    error_type = error_type.rsplit("#", 1)[-1].split(":", 1)[0]  # com.amazonaws.ssm#ParameterNotFound
+    if not AWS_ERROR_TYPE.fullmatch(error_type):
+        error_type = "UnknownError"
+    return AwsError(status, error_type, message[:1024])
 
 
 class ServiceClient:
@@ -1128,32 +1156,6 @@ class ServiceClient:
         for connection, _ in idle:
             connection.close()
 
-
-AWS_ERROR_TYPE = re.compile(r"[A-Za-z0-9_.:#-]{1,256}")
-
-
-def aws_error(status, data):
-    """AwsError from an error answer: AWS JSON ({"__type": "...#Code", "message"}), or the
-    XML that moto (and AWS's front door) use for signature errors. Whatever the body holds
-    (garbage, deep nesting, wrong types), the result is a clean AwsError."""
-    error_type, message = "UnknownError", ""
-    text = data.decode("utf-8", "replace")
-    try:
-        parsed = json.loads(text)
-        if isinstance(parsed, dict):
-            found_type = parsed.get("__type") or parsed.get("code") or parsed.get("Code")
-            found_message = parsed.get("message") or parsed.get("Message")
-            error_type = found_type if isinstance(found_type, str) else error_type
-            message = found_message if isinstance(found_message, str) else ""
-    except (ValueError, RecursionError):
-        code = re.search(r"<Code>([^<]*)</Code>", text)
-        found = re.search(r"<Message>(?:<!\[CDATA\[(.*?)\]\]>|([^<]*))</Message>", text, re.DOTALL)
-        error_type = code.group(1) if code else error_type
-        message = (found.group(1) or found.group(2) or "") if found else ""
-    error_type = error_type.rsplit("#", 1)[-1].split(":", 1)[0]  # com.amazonaws.ssm#ParameterNotFound
-    if not AWS_ERROR_TYPE.fullmatch(error_type):
-        error_type = "UnknownError"
-    return AwsError(status, error_type, message[:1024])
 
 # ---------------------------------------------------------------------------
 # AWS answers: checked against the API's shape, then shaped as the official extension does
@@ -1523,19 +1525,6 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 ECHOED_KEY_LENGTH = 16
 
 
-def parse_query(query):
-    """[(key, value)] from a query string, strictly: bad %-escapes, bytes that are not
-    UTF-8 and control characters are refused. '+' stays '+' (secret names may hold it;
-    no name may hold a space), unlike form decoding."""
-    pairs = []
-    for part in query.split("&") if query else ():
-        if not part:
-            continue
-        raw_key, _, raw_value = part.partition("=")
-        pairs.append((_decode(raw_key), _decode(raw_value)))
-    return pairs
-
-
 def _decode(text):
     if "%" not in text and text.isascii() and not CONTROL_CHARACTERS.search(text):
         return text  # the common case: nothing to decode
@@ -1549,6 +1538,19 @@ def _decode(text):
     if CONTROL_CHARACTERS.search(decoded):
         raise ClientError(400, "MalformedQuery", "the query holds a control character")
     return decoded
+
+
+def parse_query(query):
+    """[(key, value)] from a query string, strictly: bad %-escapes, bytes that are not
+    UTF-8 and control characters are refused. '+' stays '+' (secret names may hold it;
+    no name may hold a space), unlike form decoding."""
+    pairs = []
+    for part in query.split("&") if query else ():
+        if not part:
+            continue
+        raw_key, _, raw_value = part.partition("=")
+        pairs.append((_decode(raw_key), _decode(raw_value)))
+    return pairs
 
 
 def _single_values(pairs, allowed):
@@ -1909,6 +1911,14 @@ def read_request_head(rfile):
     return method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"), headers
 
 
+def has_body(headers):
+    """Whether a request says a body follows. A body is never read: after one, the next
+    bytes are not a request head, so the connection closes. Content-Length: 0 is no body
+    (Java's HttpClient sends it on every GET: docs/pitfalls.md)."""
+    lengths = [value for name, value in headers if name == "content-length"]
+    return any(name == "transfer-encoding" for name, _ in headers) or lengths not in ([], ["0"])
+
+
 def connection_after(method, version, headers):
     """(keep the connection open?, the Connection header to send or None) for a request."""
     tokens = {token.strip().lower() for name, value in headers if name == "connection"
@@ -1922,14 +1932,6 @@ def connection_after(method, version, headers):
     if method != "GET" or has_body(headers):
         return False, "close"
     return keep, wanted
-
-
-def has_body(headers):
-    """Whether a request says a body follows. A body is never read: after one, the next
-    bytes are not a request head, so the connection closes. Content-Length: 0 is no body
-    (Java's HttpClient sends it on every GET: docs/pitfalls.md)."""
-    lengths = [value for name, value in headers if name == "content-length"]
-    return any(name == "transfer-encoding" for name, _ in headers) or lengths not in ([], ["0"])
 
 
 def format_response(status, headers, body, connection=None):
@@ -2421,6 +2423,57 @@ def report_summary(service, name, config, log):
         sys.stdout.flush()
 
 
+def run_in_lambda(api, name, config, log, service, listener, fatal):
+    try:
+        info = api.register(name)
+        log.debug(f"registered for function {info.get('functionName')!r}")
+        if fatal is not None:
+            log.error(str(fatal))
+            api.report_error("init", fatal.error_type, str(fatal))
+            return 2
+        snapshot = config.initialization_type == "snap-start"
+        restores_in_init = service.restores
+        while True:
+            event = api.next_event()
+            if snapshot:
+                # The first event after a SnapStart INIT comes in a restored copy of this
+                # process, maybe months later: nothing cached then is to be trusted, unless
+                # a request of the function's saw the clocks jump and dropped it already.
+                snapshot = False
+                if service.restores == restores_in_init:
+                    service.forget("snapshot restore detected")
+            else:
+                service.check_restore()
+            if str(event.get("eventType", "")).upper() == "SHUTDOWN":
+                break
+        reason = event.get("shutdownReason", "unknown")
+        deadline_ms = event.get("deadlineMs")
+        grace = 1.0
+        if isinstance(deadline_ms, (int, float)):
+            # Leave a margin before Lambda's SIGKILL for the summary and the exit.
+            grace = max(0.0, min(grace, deadline_ms / 1000.0 - time.time() - 0.3))
+        log.info(f"shutdown ({reason}): stopping")
+        listener.stop(grace)
+        report_summary(service, name, config, log)
+        return 0
+    except Stop as stop:
+        log.info(f"{stop}: stopping")
+        if listener is not None:
+            listener.stop(grace=0.5)
+            report_summary(service, name, config, log)
+        return 0
+    except ExtensionsApiError as error:
+        log.error(str(error))
+        return 1
+    except Exception as error:  # a bug: tell Lambda, then end
+        log.error(f"fatal: {type(error).__name__}")
+        try:
+            api.report_error("exit", "Extension.Crash", type(error).__name__)
+        except ExtensionsApiError:
+            pass
+        return 1
+
+
 USAGE = """usage: python3 extension.py [NAME]
 
 Serves SSM parameters and Secrets Manager secrets on http://localhost:2773 from a cache,
@@ -2480,57 +2533,6 @@ def main(argv):
         listener.stop(grace=5.0)
         report_summary(service, name, config, log)
     return 0
-
-
-def run_in_lambda(api, name, config, log, service, listener, fatal):
-    try:
-        info = api.register(name)
-        log.debug(f"registered for function {info.get('functionName')!r}")
-        if fatal is not None:
-            log.error(str(fatal))
-            api.report_error("init", fatal.error_type, str(fatal))
-            return 2
-        snapshot = config.initialization_type == "snap-start"
-        restores_in_init = service.restores
-        while True:
-            event = api.next_event()
-            if snapshot:
-                # The first event after a SnapStart INIT comes in a restored copy of this
-                # process, maybe months later: nothing cached then is to be trusted, unless
-                # a request of the function's saw the clocks jump and dropped it already.
-                snapshot = False
-                if service.restores == restores_in_init:
-                    service.forget("snapshot restore detected")
-            else:
-                service.check_restore()
-            if str(event.get("eventType", "")).upper() == "SHUTDOWN":
-                break
-        reason = event.get("shutdownReason", "unknown")
-        deadline_ms = event.get("deadlineMs")
-        grace = 1.0
-        if isinstance(deadline_ms, (int, float)):
-            # Leave a margin before Lambda's SIGKILL for the summary and the exit.
-            grace = max(0.0, min(grace, deadline_ms / 1000.0 - time.time() - 0.3))
-        log.info(f"shutdown ({reason}): stopping")
-        listener.stop(grace)
-        report_summary(service, name, config, log)
-        return 0
-    except Stop as stop:
-        log.info(f"{stop}: stopping")
-        if listener is not None:
-            listener.stop(grace=0.5)
-            report_summary(service, name, config, log)
-        return 0
-    except ExtensionsApiError as error:
-        log.error(str(error))
-        return 1
-    except Exception as error:  # a bug: tell Lambda, then end
-        log.error(f"fatal: {type(error).__name__}")
-        try:
-            api.report_error("exit", "Extension.Crash", type(error).__name__)
-        except ExtensionsApiError:
-            pass
-        return 1
 
 
 if __name__ == "__main__":
