@@ -75,31 +75,171 @@ Layout (each section needs only the ones above it)
 Usage: python3 extension.py [NAME]    (NAME: the extension's name, for logs and /register)
 """
 
+import errno
+import os
+import signal
+import socket
+import sys
+
+# ---------------------------------------------------------------------------
+# Early start: listening and registered before anything else is imported
+# ---------------------------------------------------------------------------
+#
+# Lambda starts the function's runtime only once every extension has registered, so all
+# that runs before /register is paid on every cold start (docs/design.md, "Cold start").
+# This section needs nothing but errno, os, signal, socket and sys: it binds the listening sockets (a
+# request the function sends before serving begins waits in the listen backlog, never
+# refused) and registers with a few lines of HTTP/1.1 written by hand. The rest of the
+# file is then imported while Lambda starts the runtime. A failure here is only noted:
+# it is reported once the rest is loaded (after /register, with /init/error and its type).
+
+DEFAULT_NAME = "parameters-secrets-extension"
+DEFAULT_PORT = 2773
+LISTEN_BACKLOG = 128
+REGISTER_BODY = b'{"events": ["INVOKE", "SHUTDOWN"]}'
+MAX_REGISTER_ANSWER = 64 * 1024  # Lambda's answer is a few hundred bytes
+REGISTER_TIMEOUT_SECONDS = 10.0
+
+
+def listening_port(environ):
+    """PARAMETERS_SECRETS_EXTENSION_HTTP_PORT when it is a whole number from 1 to 65535,
+    else 2773: load_config's rule for this one setting (it WARNs later; a test checks that
+    both agree), without its imports."""
+    text = (environ.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT") or "").strip()
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    if digits.isdecimal() and 1 <= int(text) <= 65535:
+        return int(text)
+    return DEFAULT_PORT
+
+
+def limit_hops(sock):
+    """IP TTL (hop limit) 1: no answer can cross a network hop, whatever a route says (as
+    the Secrets Manager Agent does)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+
+
+def bind_loopback(port):
+    """([listening sockets], problem): 127.0.0.1, and ::1 where the host has it, at port.
+    problem is None, or (Lambda error type, message) naming the address that could not be
+    bound; then no socket is kept. ::1 held by another process is a problem, not a detail: callers whose
+    `localhost` is ::1 would hand that process their token."""
+    sockets = []
+    for family, address, shown_host in ((socket.AF_INET, ("127.0.0.1", port), "127.0.0.1"),
+                                        (socket.AF_INET6, ("::1", port, 0, 0), "::1")):
+        if family == socket.AF_INET6 and not socket.has_ipv6:
+            break
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            break  # no IPv6 on this host: fine
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            limit_hops(sock)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError as error:
+            sock.close()
+            if error.errno == errno.EADDRINUSE or family == socket.AF_INET:
+                for kept in sockets:
+                    kept.close()
+                if error.errno == errno.EADDRINUSE:
+                    return [], ("Extension.PortInUse", f"port {port} on {shown_host} is already in use")
+                return [], ("Extension.ListenFailed", f"port {port} on {shown_host} cannot be bound ({error.strerror})")
+            break  # ::1 not configured on this host: fine
+        sockets.append(sock)
+    return sockets, None
+
+
+def runtime_api_address(runtime_api):
+    """(host, port) of AWS_LAMBDA_RUNTIME_API, host:port as Lambda sets it (127.0.0.1:9001;
+    a bracketed IPv6 host too). Raises ValueError naming the variable."""
+    host, _, port = runtime_api.rpartition(":")
+    name = host[1:-1] if host[:1] == "[" and host[-1:] == "]" else host
+    allowed = ":." if host[:1] == "[" else ".-"
+    if not (name and name.isascii() and all(c.isalnum() or c in allowed for c in name)
+            and port.isascii() and port.isdecimal() and 0 < int(port) < 65536):
+        raise ValueError(f"AWS_LAMBDA_RUNTIME_API={runtime_api!r} is not host:port")
+    return name, int(port)
+
+
+def register(runtime_api, name):
+    """POST /2020-01-01/extension/register, by hand: (status, identifier or None, body).
+    Raises OSError when Lambda cannot be reached; ValueError for a malformed address."""
+    host, port = runtime_api_address(runtime_api)
+    request = (f"POST /2020-01-01/extension/register HTTP/1.1\r\nHost: {runtime_api}\r\n"
+               f"Lambda-Extension-Name: {name}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(REGISTER_BODY)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+    answer = b""
+    with socket.create_connection((host, port), REGISTER_TIMEOUT_SECONDS) as sock:
+        sock.sendall(request + REGISTER_BODY)
+        while len(answer) <= MAX_REGISTER_ANSWER:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status_words = lines[0].split(" ", 2)
+    if len(status_words) < 2 or not status_words[1].isdecimal():
+        raise OSError(f"Lambda answered /register with {lines[0][:60]!r}")
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""  # only ever shown at debug level: not worth a decoder here
+    return int(status_words[1]), headers.get("lambda-extension-identifier") or None, body
+
+
+class EarlyStart:
+    """What the early start did: the sockets it listens on (or the bind problem), and
+    Lambda's answer to /register (or why there is none)."""
+
+    def __init__(self, argv, environ):
+        # SIGTERM and SIGINT wait until main() can handle them (docs/design.md, "Signals"):
+        # a stop that comes while the rest is imported must still be an orderly one.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        self.name = argv[1] if len(argv) > 1 else DEFAULT_NAME
+        self.port = listening_port(environ)
+        self.sockets, self.bind_problem = bind_loopback(self.port)
+        self.registration = self.register_error = None
+        runtime_api = environ.get("AWS_LAMBDA_RUNTIME_API")
+        if runtime_api:
+            try:
+                self.registration = register(runtime_api, self.name)
+            except (OSError, ValueError) as error:
+                self.register_error = error
+
+
+# Only when run (python -m extension, as the layer does, or python3 extension.py), and not
+# for an option such as --help: importing this file for its tests binds nothing.
+RUN = __name__ == "__main__" and not (sys.argv[1:] and sys.argv[1].startswith("-"))
+EARLY = EarlyStart(sys.argv, os.environ) if RUN else None
+
+# The rest of the standard library the extension needs, imported once registered.
 import _thread
 import calendar  # cheap, and parse_iso8601 needs timegm
-import errno
 import hashlib
 import hmac
 import http  # HTTPStatus only: the package itself is small (http.server is not imported)
 import http.client
 import io
 import json
-import os
 import re
 import select
 import selectors
-import signal
-import socket
 import ssl  # free: http.client imports it anyway
-import sys
 import threading
 import time
 from collections import OrderedDict, namedtuple
 from datetime import datetime, timezone
 from urllib.parse import quote, unquote_to_bytes, urlsplit
-
-DEFAULT_NAME = "parameters-secrets-extension"
-
 
 # ---------------------------------------------------------------------------
 # Errors: every failure that has an answer, and where it becomes one
@@ -206,10 +346,6 @@ class ConnectionsBusy(UpstreamError):
 class CredentialsError(Exception):
     """No usable credentials source (found at start, or a fetch that failed). The message
     names what was looked for, never a key."""
-
-
-class PortInUse(Exception):
-    """The port is taken on one of the loopback addresses."""
 
 
 class ExtensionsApiError(Exception):
@@ -1855,7 +1991,6 @@ MAX_REQUEST_LINE = 65536
 # without a cap http.server-style parsing holds 100 x 64 KiB per request (docs/pitfalls.md).
 MAX_HEADER_BYTES = 32 * 1024
 MAX_HEADER_LINES = 100
-LISTEN_BACKLOG = 128
 HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 HTTP_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
@@ -1947,15 +2082,6 @@ def format_response(status, headers, body, connection=None):
 
 TOO_MANY_CONNECTIONS = format_response(
     *error_answer(ClientError(429, "TooManyConnections", "too many connections at once; retry")), "close")
-
-
-def _limit_hops(sock):
-    """IP TTL (hop limit) 1: no answer can cross a network hop, whatever a route says (as
-    the Secrets Manager Agent does)."""
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 1)
-    else:
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
 
 
 def _refuse(sock):
@@ -2185,48 +2311,21 @@ def serve_connection(reader, service, in_flight):
 
 
 class Listener:
-    """The listening sockets on 127.0.0.1 and (where the host has it) ::1, one accept
-    thread for both, and a thread per admitted connection, started by start_thread
-    (function, args): _thread.start_new_thread, injectable for tests."""
+    """Serves on the listening sockets (127.0.0.1 and, where the host has it, ::1, bound
+    by the early start): one accept thread for both, and a thread per admitted
+    connection, started by start_thread (function, args): _thread.start_new_thread,
+    injectable for tests."""
 
-    def __init__(self, service, port, start_thread=_thread.start_new_thread):
+    def __init__(self, service, sockets, start_thread=_thread.start_new_thread):
+        """sockets: listening, non-blocking (bind_loopback's)."""
         self.service = service
+        self.sockets = sockets
         self.start_thread = start_thread
         self.read_timeout = service.config.read_timeout_ms / 1000.0
         self.clients = Clients(service.config.max_clients, self.read_timeout)
         self.in_flight = Gauge()
-        self.sockets = [self._bind(socket.AF_INET, ("127.0.0.1", port), "127.0.0.1")]
-        # `localhost` may resolve to ::1 first; answering there spares callers a refused
-        # first attempt. No IPv6 on the host is fine; ::1 taken by another process is
-        # not: callers whose localhost is ::1 would hand that process their token.
-        if socket.has_ipv6:
-            try:
-                self.sockets.append(self._bind(socket.AF_INET6, ("::1", port, 0, 0), "::1"))
-            except PortInUse:
-                self.sockets[0].close()
-                raise
-            except OSError as error:
-                service.log.debug(f"not listening on [::1]:{port} ({error.strerror})")
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._thread = None
-
-    @staticmethod
-    def _bind(family, address, shown_host):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            _limit_hops(sock)
-            sock.bind(address)
-            sock.listen(LISTEN_BACKLOG)
-            sock.setblocking(False)
-        except OSError as error:
-            sock.close()
-            if error.errno == errno.EADDRINUSE:
-                raise PortInUse(f"port {address[1]} on {shown_host} is already in use") from error
-            raise
-        return sock
 
     def start(self):
         self._thread = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
@@ -2264,7 +2363,7 @@ class Listener:
         reader = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _limit_hops(sock)
+            limit_hops(sock)
             sock.settimeout(self.read_timeout)
             reader = self.clients.admit(sock)
             if reader is None:
@@ -2312,8 +2411,13 @@ class Listener:
 # Lambda lifecycle: the Extensions API
 # ---------------------------------------------------------------------------
 
-# host:port as Lambda sets it (127.0.0.1:9001); a bracketed IPv6 host is accepted too.
-RUNTIME_API = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})")
+def _lambda_error_type(data):
+    """errorType from the body of an Extensions API refusal (403 {"errorType": ...})."""
+    try:
+        found = json.loads(data).get("errorType")
+    except (ValueError, AttributeError, RecursionError):
+        found = None
+    return found if isinstance(found, str) else "unknown"
 
 
 class ExtensionsApi:
@@ -2323,10 +2427,7 @@ class ExtensionsApi:
 
     def __init__(self, runtime_api):
         """runtime_api: AWS_LAMBDA_RUNTIME_API, host:port. Raises ValueError naming it."""
-        match = RUNTIME_API.fullmatch(runtime_api)
-        if match is None or not 0 < int(match.group(2)) < 65536:
-            raise ValueError(f"AWS_LAMBDA_RUNTIME_API={runtime_api!r} is not host:port")
-        self.host, self.port = match.group(1).strip("[]"), int(match.group(2))
+        self.host, self.port = runtime_api_address(runtime_api)
         self.address = runtime_api
         self.identifier = None
 
@@ -2342,21 +2443,26 @@ class ExtensionsApi:
         finally:
             connection.close()
         if response.status >= 300:
-            try:
-                error_type = json.loads(data).get("errorType", "unknown")
-            except (ValueError, AttributeError):
-                error_type = "unknown"
-            raise ExtensionsApiError(f"{method} {path}: {response.status} {error_type}")
+            raise ExtensionsApiError(f"{method} {path}: {response.status} {_lambda_error_type(data)}")
         return response, data
 
-    def register(self, name):
-        response, data = self._call("POST", "/register", {"Lambda-Extension-Name": name,
-                                                          "Content-Type": "application/json"},
-                                    json.dumps({"events": ["INVOKE", "SHUTDOWN"]}), timeout=10)
-        self.identifier = response.getheader("Lambda-Extension-Identifier")
-        if not self.identifier:
+    def registered(self, early):
+        """Take the early start's /register answer (made before the imports): Lambda's
+        information about the function, or ExtensionsApiError."""
+        if early.register_error is not None:
+            raise ExtensionsApiError(f"POST /register: Extensions API at {self.address} unreachable "
+                                     f"({type(early.register_error).__name__})")
+        status, identifier, body = early.registration
+        if status >= 300:
+            raise ExtensionsApiError(f"POST /register: {status} {_lambda_error_type(body)}")
+        if not identifier:
             raise ExtensionsApiError("POST /register: no Lambda-Extension-Identifier in the answer")
-        return json.loads(data or b"{}")
+        self.identifier = identifier
+        try:
+            info = json.loads(body or b"{}")
+        except ValueError:
+            info = {}
+        return info if isinstance(info, dict) else {}
 
     def next_event(self):
         # No timeout: the call blocks until Lambda has an event, however long that is.
@@ -2383,9 +2489,11 @@ def _raise_stop(signum, frame):
     raise Stop(signal.Signals(signum).name)
 
 
-def start_up(config, log):
+def start_up(config, log, early):
     """Everything that can fail before serving: returns (service, listener) or raises
     Fatal with the Lambda error type that names the cause."""
+    if early.bind_problem is not None:
+        raise Fatal(*early.bind_problem)
     if not config.request_token:
         raise Fatal("Extension.NoToken", "no request token: AWS_SESSION_TOKEN is not set (Lambda sets it); "
                                          "for local runs set AWS_TOKEN to the token callers will send")
@@ -2399,11 +2507,7 @@ def start_up(config, log):
     except CredentialsError as error:
         raise Fatal("Extension.NoCredentials", str(error)) from error
     service = Service(config, log, credentials)
-    try:
-        listener = Listener(service, config.port)
-    except PortInUse as error:
-        raise Fatal("Extension.PortInUse", str(error)) from error
-    return service, listener
+    return service, Listener(service, early.sockets)
 
 
 def report_summary(service, name, config, log):
@@ -2423,10 +2527,10 @@ def report_summary(service, name, config, log):
         sys.stdout.flush()
 
 
-def run_in_lambda(api, name, config, log, service, listener, fatal):
+def run_in_lambda(api, early, config, log, service, listener, fatal):
     try:
-        info = api.register(name)
-        log.debug(f"registered for function {info.get('functionName')!r}")
+        info = api.registered(early)
+        log.debug(f"registered for function {shown(str(info.get('functionName')))}")
         if fatal is not None:
             log.error(str(fatal))
             api.report_error("init", fatal.error_type, str(fatal))
@@ -2454,13 +2558,13 @@ def run_in_lambda(api, name, config, log, service, listener, fatal):
             grace = max(0.0, min(grace, deadline_ms / 1000.0 - time.time() - 0.3))
         log.info(f"shutdown ({reason}): stopping")
         listener.stop(grace)
-        report_summary(service, name, config, log)
+        report_summary(service, early.name, config, log)
         return 0
     except Stop as stop:
         log.info(f"{stop}: stopping")
         if listener is not None:
             listener.stop(grace=0.5)
-            report_summary(service, name, config, log)
+            report_summary(service, early.name, config, log)
         return 0
     except ExtensionsApiError as error:
         log.error(str(error))
@@ -2483,12 +2587,15 @@ variables only: see the top of extension.py or docs/configuration.md.
 """
 
 
-def main(argv):
+def main(argv, early=None):
+    """Run the extension; early: the EarlyStart made before the imports (made here when
+    main is called some other way). Returns the exit status."""
     if len(argv) > 1 and argv[1].startswith("-"):
         known = argv[1] in ("-h", "--help")
         (sys.stdout if known else sys.stderr).write(USAGE)
         return 0 if known else 2
-    name = argv[1] if len(argv) > 1 else DEFAULT_NAME
+    early = early or EarlyStart(argv, os.environ)
+    name = early.name
     config, messages = load_config(os.environ)
     log = Logger(name, config.log_level, config.log_format)
     for level, message in messages:
@@ -2510,8 +2617,8 @@ def main(argv):
     service = listener = None
     fatal = None
     try:
-        service, listener = start_up(config, log)
-        listener.start()  # accepting before /register: the function's init code can fetch
+        service, listener = start_up(config, log, early)
+        listener.start()  # serving what waited in the backlog since the early start
         if config.prefetch:  # started while signals are still blocked, like every thread
             threading.Thread(target=service.prefetch, args=(config.prefetch,), daemon=True).start()
     except Fatal as error:
@@ -2521,7 +2628,7 @@ def main(argv):
         # A SIGTERM that came during start-up is delivered right here, inside the try.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         if api is not None:
-            return run_in_lambda(api, name, config, log, service, listener, fatal)
+            return run_in_lambda(api, early, config, log, service, listener, fatal)
         if fatal is not None:
             log.error(str(fatal))
             return 2
@@ -2536,4 +2643,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main(sys.argv, EARLY))

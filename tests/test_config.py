@@ -464,3 +464,12 @@ def test_config_defaults_come_from_the_settings_table():
     for _, field, default, accepted in ext.SETTINGS:
         expected = default == "true" if accepted == ("true", "false") else default
         assert getattr(config, field) == expected
+
+
+@pytest.mark.parametrize("raw", [None, "", "2773", "8080", " 8080 ", "+8080", "-1", "0", "1", "65535", "65536",
+                                 "70000", "80.5", "1_000", "0x50", "\u0663\u0660", "abc", "\t443\n"])
+def test_the_early_start_reads_the_port_as_load_config_does(raw):
+    # The early start binds before load_config (and its imports) exists: same rule.
+    environ = {} if raw is None else {"PARAMETERS_SECRETS_EXTENSION_HTTP_PORT": raw}
+    config, _ = ext.load_config(environ)
+    assert ext.listening_port(environ) == config.port

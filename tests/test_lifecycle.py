@@ -271,15 +271,29 @@ def test_init_and_invocations_use_the_cache(make_lambda, seeded, moto, counting_
     assert env["AWS_SESSION_TOKEN"] not in log
 
 
-def test_server_answers_during_init_before_register_returns(make_lambda, seeded, moto, tmp_path):
-    """While the extension is blocked in POST /register its server already answers 200.
+def test_requests_sent_while_registering_wait_in_the_backlog_and_are_answered(make_lambda, seeded, moto,
+                                                                               tmp_path):
+    """The extension registers before it has loaded what serves (docs/design.md, "Cold
+    start"): a request sent then, even before /register has returned, waits in the listen
+    backlog and is answered once serving begins, never refused.
 
-    The fake calls the extension from inside its /register handler, before answering:
-    so this is before the extension's first /event/next, i.e. during init.
+    The fake sends the requests from a thread it starts inside its /register handler,
+    before it answers: they reach the extension before its first /event/next, during init.
     """
     port = free_port()
     env = lambda_env(moto, tmp_path, port=port)
     seen = {}
+    threads = []
+
+    def fetch(what, path, headers):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                seen[what] = (resp.status, json.loads(resp.read()))
+        except urllib.error.HTTPError as exc:
+            seen[what] = (exc.code, exc.read())
+        except OSError as exc:
+            seen[what] = ("unreachable", repr(exc))
 
     def during_register(name):
         seen["name"] = name
@@ -288,18 +302,15 @@ def test_server_answers_during_init_before_register_returns(make_lambda, seeded,
             ("parameter", "/systemsmanager/parameters/get?name=%2Fmy%2Fparameter",
              {TOKEN_HEADER: env["AWS_SESSION_TOKEN"]}),
         ):
-            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
-            try:
-                with urllib.request.urlopen(req, timeout=5) as resp:
-                    seen[what] = (resp.status, json.loads(resp.read()))
-            except urllib.error.HTTPError as exc:
-                seen[what] = (exc.code, exc.read())
-            except OSError as exc:
-                seen[what] = ("unreachable", repr(exc))
+            thread = threading.Thread(target=fetch, args=(what, path, headers), daemon=True)
+            thread.start()
+            threads.append(thread)
 
     lam = make_lambda(env, on_register=during_register)
     init = lam.start()
     assert init.ok, f"{init}\n{lam.logs()}"
+    for thread in threads:
+        thread.join(15)
     assert seen["name"] == NAME
     assert seen["ping"][0] == 200, seen
     assert seen["parameter"][0] == 200, seen

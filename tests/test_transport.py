@@ -162,8 +162,9 @@ def listening():
 
     def start(start_thread=None, **env):
         service = make_service(**env)
-        listener = extension.Listener(service, free_port(),
-                                      start_thread or extension._thread.start_new_thread)
+        sockets, problem = extension.bind_loopback(free_port())
+        assert problem is None
+        listener = extension.Listener(service, sockets, start_thread or extension._thread.start_new_thread)
         listener.start()
         started.append(listener)
         return listener
@@ -240,7 +241,7 @@ def test_stop_returns_at_once_with_nothing_in_flight(listening):
         socket.create_connection(("127.0.0.1", listener.sockets[0].getsockname()[1]), timeout=1)
 
 
-def test_port_taken_on_ipv6_loopback_refuses_to_start():
+def test_port_taken_on_ipv6_loopback_is_a_problem_and_nothing_stays_bound():
     try:
         blocker = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         blocker.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -250,11 +251,37 @@ def test_port_taken_on_ipv6_loopback_refuses_to_start():
     blocker.listen(1)
     port = blocker.getsockname()[1]
     try:
-        with pytest.raises(extension.PortInUse, match=rf"^port {port} on ::1 is already in use$"):
-            extension.Listener(make_service(), port)
-        # 127.0.0.1 was released again: a listener can take the port once ::1 is free.
+        assert extension.bind_loopback(port) == (
+            [], ("Extension.PortInUse", f"port {port} on ::1 is already in use"))
+        # 127.0.0.1 was released again: the port can be had once ::1 is free.
         blocker.close()
-        listener = extension.Listener(make_service(), port)
-        listener.stop(0)
+        sockets, problem = extension.bind_loopback(port)
+        assert problem is None and len(sockets) == 2
+        for sock in sockets:
+            sock.close()
     finally:
         blocker.close()
+
+
+def test_port_taken_on_127_0_0_1_is_a_problem():
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        assert extension.bind_loopback(port) == (
+            [], ("Extension.PortInUse", f"port {port} on 127.0.0.1 is already in use"))
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("127.0.0.1:9001", ("127.0.0.1", 9001)), ("localhost:80", ("localhost", 80)),
+    ("[::1]:9001", ("::1", 9001)), ("sandbox.localdomain:1", ("sandbox.localdomain", 1)),
+])
+def test_runtime_api_addresses(value, expected):
+    assert extension.runtime_api_address(value) == expected
+
+
+@pytest.mark.parametrize("value", ["not a host:port", "127.0.0.1:", "127.0.0.1", " 127.0.0.1:9001", "127.0.0.1:0",
+                                   "127.0.0.1:99999", "host:port", "my_host:9001", "[::1:9001", "h\u00e9:1"])
+def test_malformed_runtime_api_addresses(value):
+    with pytest.raises(ValueError, match=r"^AWS_LAMBDA_RUNTIME_API=.* is not host:port$"):
+        extension.runtime_api_address(value)
