@@ -8,11 +8,20 @@ What it does
 
 Routes (loopback only: 127.0.0.1, and ::1 where the host has it; docs/http-api.md)
     GET /systemsmanager/parameters/get[/]?name=&version=|label=&withDecryption=&refreshNow=
-    GET /secretsmanager/get[/]?secretId=&versionId=&versionStage=&refreshNow=
+                                         &jsonKey=&format=raw
+    GET /secretsmanager/get[/]?secretId=&versionId=&versionStage=&refreshNow=&jsonKey=&format=raw
+    GET /systemsmanager/parameters/get-by-path[/]?path=&recursive=&withDecryption=&refreshNow=
+                                         GetParametersByPath, every page (at most 1,000 parameters)
+    GET /systemsmanager/parameters/get-multiple[/]?names=a,b:3,c:prod&withDecryption=&refreshNow=
+                                         GetParameters, 10 names a call (at most 50 names)
+    GET /secretsmanager/batch-get[/]?secretIds=a,b&refreshNow=
+                                         BatchGetSecretValue (at most 20 ids)
     GET /ping                                            200, no token needed (health check)
     Every route but /ping needs the header X-Aws-Parameters-Secrets-Token.
     Success: the AWS SDK's output shape as JSON, as the AWS extension answers, with the
-    header X-Parameters-Secrets-Cache: hit | miss | stale | bypass.
+    header X-Parameters-Secrets-Cache: hit | miss | stale | bypass. jsonKey answers one
+    key of a JSON value; format=raw the value alone (text/plain, or the bytes of a binary
+    secret). get-multiple and batch-get share /get's cache entries, item by item.
     Errors: {"__type": ..., "message": ...}; AWS's own errors keep AWS's status.
 
 Environment (read once at start into the frozen Config; nothing reads os.environ afterwards;
@@ -1423,6 +1432,23 @@ class TTLCache:
                 del self._entries[key]              # dead: past any stale use
             return None
 
+    def get_many(self, keys):
+        """{key: value} for those of keys that are fresh, as get does for each, under one
+        lock and one reading of the clocks (a batch hit is one call, not one per key)."""
+        found = {}
+        with self._lock:
+            now, wall_now = self.clock(), self.wall()
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None:
+                    continue
+                if now < entry[1] and wall_now < entry[2]:
+                    self._entries.move_to_end(key)
+                    found[key] = entry[0]
+                elif now >= entry[1] + self.max_stale or wall_now >= entry[2] + self.max_stale:
+                    del self._entries[key]
+        return found
+
     def get_stale(self, key):
         """A value, expired or not, still within max_stale seconds of its expiry, else None."""
         with self._lock:
@@ -1469,9 +1495,9 @@ class Stats:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(self.NAMES, 0)
 
-    def add(self, name):
+    def add(self, name, count=1):
         with self._lock:
-            self._counts[name] += 1
+            self._counts[name] += count
 
     def snapshot(self):
         with self._lock:
@@ -1564,14 +1590,17 @@ class Store:
         AWS calls as it likes, and returns {key: value or UpstreamError}; when it raises an
         UpstreamError, every one of those keys has that error."""
         results = {}
+        if ttl and not refresh:
+            found = self.cache.get_many(keys)
+            if found:
+                self.stats.add("hits", len(found))
+                results = {key: (value, "hit") for key, value in found.items()}
+                if len(found) == len(keys):
+                    return results
         pending = []
         for key in keys:
-            if ttl and not refresh:
-                value = self.cache.get(key)
-                if value is not None:
-                    self.stats.add("hits")
-                    results[key] = (value, "hit")
-                    continue
+            if key in results:
+                continue
             if ttl and refresh:
                 recent = self._recent_refresh(key)
                 if recent is not None:
@@ -2037,10 +2066,11 @@ class ParameterBatch:
     def serve(self, service):
         results = service.get_many(self)
         parameters, invalid, statuses = [], [], set()
+        head, tail = len(PARAMETER_HEAD), -len(RESULT_TAIL)
         for (text, _, _), key in zip(self.names, self.keys):
             outcome = results[key]
-            if isinstance(outcome, tuple):
-                parameters.append(outcome[0][len(PARAMETER_HEAD):-len(RESULT_TAIL)])
+            if type(outcome) is tuple:
+                parameters.append(outcome[0][head:tail])
                 statuses.add(outcome[1])
             elif isinstance(outcome, AwsError) and outcome.error_type in PARAMETER_NOT_FOUND:
                 invalid.append(text)
@@ -2076,10 +2106,11 @@ class SecretBatch:
     def serve(self, service):
         results = service.get_many(self)
         entries, errors, statuses = [], [], set()
+        tail = -len(RESULT_TAIL)
         for secret_id, key in zip(self.ids, self.keys):
             outcome = results[key]
-            if isinstance(outcome, tuple):
-                entries.append(outcome[0][:-len(RESULT_TAIL)] + b"}")
+            if type(outcome) is tuple:
+                entries.append(outcome[0][:tail] + b"}")
                 statuses.add(outcome[1])
             elif isinstance(outcome, ItemError):
                 errors.append({"SecretId": secret_id, "ErrorCode": outcome.error_type, "Message": outcome.message})
@@ -2190,7 +2221,7 @@ def split_selector(text):
     """(name, selector or None) of a name as GetParameters takes it: '/a:3' is ('/a', ':3'),
     the key /get uses for name=/a&version=3. A Secrets Manager reference by ARN ends in the
     secret's name after ':secret:', which is no selector."""
-    match = SELECTOR_SUFFIX.fullmatch(text)
+    match = SELECTOR_SUFFIX.fullmatch(text) if ":" in text else None
     if match is None or match.group(1).endswith(":secret"):
         return text, None
     return match.group(1), ":" + match.group(2)

@@ -573,3 +573,20 @@ def test_the_cache_off_bypasses_every_item():
         status, headers, body = answer(service, MULTIPLE + "?names=/a,/bad")
         assert (status, headers[CACHE], body["InvalidParameters"]) == (200, "bypass", ["/bad"])
     assert len(service.clients["ssm"].calls) == 2
+
+
+def test_a_batch_hit_reads_the_cache_once_with_the_single_rules():
+    clock, wall = Clock(), Clock(1_800_000_000.0)
+    cache = extension.TTLCache(3, 10, clock, wall)
+    cache.put("a", b"A", 5)
+    cache.put("b", b"B", 100)
+    cache.put("c", b"C", 100)
+    clock.now += 6
+    assert cache.get_many(["a", "b", "x"]) == {"b": b"B"}  # "a" expired, within its stale window
+    assert cache.get_stale("a") == b"A"
+    cache.put("d", b"D", 100)  # evicts the least recently used: "a"
+    cache.put("e", b"E", 100)  # then "c", not "b": reading "b" made it recently used
+    assert cache.get_many(["a", "b", "c", "d", "e"]) == {"b": b"B", "d": b"D", "e": b"E"}
+    assert cache.get_stale("a") is None
+    wall.now += 101  # the wall clock alone ends them
+    assert cache.get_many(["b", "d", "e"]) == {}
