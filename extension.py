@@ -76,7 +76,8 @@ Layout (each section needs only the ones above it)
     AWS client      JSON 1.1 calls, connection pool, retries inside the budget
     AWS answers     shape checks, and the official extension's answer shapes
     Cache           TTL + LRU on two clocks, one AWS call per miss, stale answers
-    Requests        query parsing, and Service: what a request means and its answer
+    Requests        query parsing, the requests (one value, a path, a batch), and Service:
+                    what a request means and its answer
     HTTP server     the transport: sockets, request heads, keep-alive, admission
     Lambda lifecycle  the Extensions API
     main
@@ -1933,7 +1934,7 @@ def run_concurrently(functions, clock, deadline):
 
     for index in range(1, len(functions)):
         event = threading.Event()
-        try:  # _thread, as for connections: see Listener._accept
+        try:  # _thread: Thread.start() can wait for ever under memory pressure (docs/pitfalls.md)
             _thread.start_new_thread(run, (index, event))
         except (RuntimeError, MemoryError):
             run(index, event)

@@ -93,6 +93,7 @@ def test_25_names_make_3_concurrent_calls_then_none_and_a_get_of_one_is_a_hit(wo
     assert cache == "hit"
     assert single == {"Parameter": body["Parameters"][7], "ResultMetadata": {}}
     assert world.proxy.count() == 3
+    assert "value-" not in world.ext.logs()  # a debug-level run logs names, never values
 
 
 def test_a_get_first_then_get_multiple_asks_aws_only_for_the_others(world):
@@ -211,7 +212,7 @@ def test_an_empty_path_is_an_empty_list(world):
 
 
 def test_batch_get_with_a_failing_id(world):
-    first = world.sm.create_secret(Name="b/one", SecretString='{"k": "v"}')
+    first = world.sm.create_secret(Name="b/one", SecretString='{"k": "batch-secret-9f"}')
     world.sm.create_secret(Name="b/bin", SecretBinary=b"\x00\x01\xff")
     path = query(BATCH, secretIds="b/one,nope,b/bin")
 
@@ -221,7 +222,7 @@ def test_batch_get_with_a_failing_id(world):
     assert body["Errors"] == [{"SecretId": "nope", "ErrorCode": "ResourceNotFoundException",
                                "Message": NOT_FOUND_MESSAGE}]
     assert [(s["Name"], s["SecretString"], s["SecretBinary"]) for s in body["SecretValues"]] == [
-        ("b/one", '{"k": "v"}', None), ("b/bin", None, base64.b64encode(b"\x00\x01\xff").decode())]
+        ("b/one", '{"k": "batch-secret-9f"}', None), ("b/bin", None, base64.b64encode(b"\x00\x01\xff").decode())]
     assert body["SecretValues"][0]["ARN"] == first["ARN"]
     assert world.proxy.bodies(SM_BATCH) == [{"SecretIdList": ["b/one", "nope", "b/bin"]}]
 
@@ -234,6 +235,7 @@ def test_batch_get_with_a_failing_id(world):
     again, cache = get(world.ext, path)
     assert (again, cache) == (body, "miss")  # the failed id was not cached: asked again, alone
     assert world.proxy.bodies(SM_BATCH) == [{"SecretIdList": ["nope"]}]
+    assert "batch-secret-9f" not in world.ext.logs()
 
 
 def test_a_get_first_then_batch_get_asks_only_for_the_others(world):
@@ -590,3 +592,21 @@ def test_a_batch_hit_reads_the_cache_once_with_the_single_rules():
     assert cache.get_stale("a") is None
     wall.now += 101  # the wall clock alone ends them
     assert cache.get_many(["b", "d", "e"]) == {}
+
+
+def test_a_batch_answer_of_the_wrong_shape_is_retried_like_any_other():
+    config, _ = extension.load_config({"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "k",
+                                       "AWS_SECRET_ACCESS_KEY": "s"})
+    credentials = extension.CredentialProvider(config, Log())
+    credentials.resolve()
+    client = extension.ServiceClient("ssm", "http://127.0.0.1:9", "us-east-1", credentials, 1, extension.Stats(),
+                                     Log(), Clock(), lambda seconds: None)
+    answers = iter([{"Parameters": [wire("/other")]}, {"Parameters": [wire("/a")], "InvalidParameters": ["/b"]}])
+    attempts = []
+    client._attempt = lambda *args: attempts.append(args[-1]) or next(answers)
+    asked = [("/a", "/a", None), ("/b", "/b", None)]
+    results = client.call(SSM_MANY, {"Names": ["/a", "/b"]}, None,
+                          lambda answer: extension.split_parameters(answer, asked))
+    assert attempts == [3, 2]
+    assert json.loads(results["/a"])["Parameter"]["Name"] == "/a"
+    assert (type(results["/b"]), results["/b"].error_type) == (extension.ItemError, "ParameterNotFound")

@@ -111,6 +111,7 @@ def test_projection_errors_name_the_key_and_never_the_value(world, path, status,
         status, "application/json", {"__type": error_type, "message": message})
     for value in ("pw-", "not json", "postgres", "a,b,c"):
         assert value.encode() not in body
+        assert value not in world.ext.logs()  # the debug line of the failure names the key only
 
 
 def test_an_aws_error_with_format_raw_is_still_a_json_error(world):
