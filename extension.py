@@ -1381,8 +1381,9 @@ def split_secrets(answer, asked):
         results[error["SecretId"]] = ItemError(code, (error.get("Message") or "")[:1024])
     for entry in entries:
         _require(isinstance(entry, dict), "a SecretValues entry that is not an object")
-        matched = [secret_id for secret_id in asked
-                   if secret_ids_match(secret_id, entry.get("Name") or "", entry.get("ARN") or "")]
+        name, arn = entry.get("Name"), entry.get("ARN")
+        name, arn = (name, arn) if isinstance(name, str) and isinstance(arn, str) else ("", "")
+        matched = [secret_id for secret_id in asked if secret_ids_match(secret_id, name, arn)]
         _require(matched, "a secret that was not asked")
         for secret_id in matched:  # a name and an ARN asked together are one secret
             results[secret_id] = render_secret(entry, secret_id)
@@ -1901,7 +1902,11 @@ def project(aws_service, body, json_key, raw, cache_status):
     if text is None:
         import base64  # only for a binary secret asked raw
 
-        return ((CONTENT_TYPE, BINARY_TYPE), (CACHE_HEADER, cache_status)), base64.b64decode(binary)
+        try:
+            data = base64.b64decode(binary, validate=True)
+        except ValueError:  # binascii.Error
+            raise UpstreamInvalidResponse("a SecretBinary that is not base64") from None
+        return ((CONTENT_TYPE, BINARY_TYPE), (CACHE_HEADER, cache_status)), data
     return ((CONTENT_TYPE, TEXT_TYPE), (CACHE_HEADER, cache_status)), text.encode("utf-8", "replace")
 
 
@@ -2078,8 +2083,9 @@ class ParameterBatch:
                 statuses.add("miss" if service.ttl["ssm"] else "bypass")  # errors are never cached
             else:
                 raise outcome
-        body = (b'{"Parameters": [' + b", ".join(parameters) + b'], "InvalidParameters": '
-                + json.dumps(invalid).encode("utf-8") + RESULT_TAIL)
+        listed = json.dumps(invalid).encode("utf-8")
+        service.refuse_token_echo(listed)
+        body = b'{"Parameters": [' + b", ".join(parameters) + b'], "InvalidParameters": ' + listed + RESULT_TAIL
         return ((CACHE_HEADER, batch_status(statuses)),), body
 
 
@@ -2118,8 +2124,9 @@ class SecretBatch:
                 statuses.add("miss" if service.ttl["secretsmanager"] else "bypass")
             else:
                 raise outcome
-        body = (b'{"SecretValues": [' + b", ".join(entries) + b'], "Errors": '
-                + json.dumps(errors).encode("utf-8") + RESULT_TAIL)
+        listed = json.dumps(errors).encode("utf-8")
+        service.refuse_token_echo(listed)
+        body = b'{"SecretValues": [' + b", ".join(entries) + b'], "Errors": ' + listed + RESULT_TAIL
         return ((CACHE_HEADER, batch_status(statuses)),), body
 
 
@@ -2338,6 +2345,12 @@ class Service:
     def token_matches(self, given):
         # Constant time over the content: a wrong last byte takes as long as a wrong first.
         return hmac.compare_digest(given.encode("latin-1", "replace"), self._token)
+
+    def refuse_token_echo(self, listed):
+        """Refuse a batch answer whose list of failed items quotes the request token (a
+        token pasted as a name): like an error body, it must never carry it back."""
+        if self._token_text and len(self._token_text) >= 8 and self._token_text.encode() in listed:
+            raise ClientError(400, "InvalidQueryValue", "(message withheld: an item asked is the request token)")
 
     def _looks_like_token(self, key):
         token = self._token_text

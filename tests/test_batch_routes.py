@@ -496,6 +496,7 @@ SECRET = {"ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:app/s-AbC
     {"SecretValues": [dict(SECRET, Name="other", ARN="arn:other-AbCdEf")], "Errors": []},  # another secret
     {"SecretValues": [SECRET], "Errors": [{"SecretId": "unasked", "ErrorCode": "X", "Message": "m"}]},
     {"SecretValues": [dict(SECRET, SecretString=5)]},
+    {"SecretValues": [dict(SECRET, ARN=5)]},
     {"SecretValues": "app/s"},
 ])
 def test_a_batch_get_answer_of_the_wrong_shape_is_502(wire_answer):
@@ -610,3 +611,13 @@ def test_a_batch_answer_of_the_wrong_shape_is_retried_like_any_other():
     assert attempts == [3, 2]
     assert json.loads(results["/a"])["Parameter"]["Name"] == "/a"
     assert (type(results["/b"]), results["/b"].error_type) == (extension.ItemError, "ParameterNotFound")
+
+
+def test_a_token_pasted_as_a_name_never_comes_back():
+    service, _, _ = make_service(secrets=lambda target, payload: {"SecretValues": [], "Errors": [
+        {"SecretId": TOKEN, "ErrorCode": "ResourceNotFoundException", "Message": f"no secret {TOKEN}"}]})
+    for target in (MULTIPLE + "?names=/a,/bad" + TOKEN, BATCH + "?secretIds=" + TOKEN):
+        status, _, body = service.answer("GET", target, HEADERS)
+        withheld = "(message withheld: an item asked is the request token)"
+        assert (status, json.loads(body)) == (400, {"__type": "InvalidQueryValue", "message": withheld})
+        assert TOKEN.encode() not in body

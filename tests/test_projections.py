@@ -172,3 +172,10 @@ def test_the_content_type_of_an_answer_is_its_own_when_it_names_one():
     assert extension.format_response(200, ((CACHE, "hit"),), b"{}") == (
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
         b"X-Parameters-Secrets-Cache: hit\r\n\r\n{}")
+
+
+def test_a_binary_secret_that_is_not_base64_is_502_when_asked_raw():
+    body = json.dumps({"ARN": "a", "CreatedDate": None, "Name": "n", "SecretBinary": "not base64!",
+                       "SecretString": None, "VersionId": "v", "VersionStages": None}).encode()
+    with pytest.raises(extension.UpstreamInvalidResponse):
+        extension.project("secretsmanager", body, None, True, "hit")
