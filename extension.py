@@ -8,11 +8,20 @@ What it does
 
 Routes (loopback only: 127.0.0.1, and ::1 where the host has it; docs/http-api.md)
     GET /systemsmanager/parameters/get[/]?name=&version=|label=&withDecryption=&refreshNow=
-    GET /secretsmanager/get[/]?secretId=&versionId=&versionStage=&refreshNow=
+                                         &jsonKey=&format=raw
+    GET /secretsmanager/get[/]?secretId=&versionId=&versionStage=&refreshNow=&jsonKey=&format=raw
+    GET /systemsmanager/parameters/get-by-path[/]?path=&recursive=&withDecryption=&refreshNow=
+                                         GetParametersByPath, every page (at most 1,000 parameters)
+    GET /systemsmanager/parameters/get-multiple[/]?names=a,b:3,c:prod&withDecryption=&refreshNow=
+                                         GetParameters, 10 names a call (at most 50 names)
+    GET /secretsmanager/batch-get[/]?secretIds=a,b&refreshNow=
+                                         BatchGetSecretValue (at most 20 ids)
     GET /ping                                            200, no token needed (health check)
     Every route but /ping needs the header X-Aws-Parameters-Secrets-Token.
     Success: the AWS SDK's output shape as JSON, as the AWS extension answers, with the
-    header X-Parameters-Secrets-Cache: hit | miss | stale | bypass.
+    header X-Parameters-Secrets-Cache: hit | miss | stale | bypass. jsonKey answers one
+    key of a JSON value; format=raw the value alone (text/plain, or the bytes of a binary
+    secret). get-multiple and batch-get share /get's cache entries, item by item.
     Errors: {"__type": ..., "message": ...}; AWS's own errors keep AWS's status.
 
 Environment (read once at start into the frozen Config; nothing reads os.environ afterwards;
@@ -67,7 +76,8 @@ Layout (each section needs only the ones above it)
     AWS client      JSON 1.1 calls, connection pool, retries inside the budget
     AWS answers     shape checks, and the official extension's answer shapes
     Cache           TTL + LRU on two clocks, one AWS call per miss, stale answers
-    Requests        query parsing, and Service: what a request means and its answer
+    Requests        query parsing, the requests (one value, a path, a batch), and Service:
+                    what a request means and its answer
     HTTP server     the transport: sockets, request heads, keep-alive, admission
     Lambda lifecycle  the Extensions API
     main
@@ -294,6 +304,16 @@ class AwsError(UpstreamError):
         self.transient = self.retryable = status >= 500 or status == 429 or error_type in THROTTLING_ERRORS
 
 
+class ItemError(AwsError):
+    """AWS's answer about one item of a batch call (a name in GetParameters'
+    InvalidParameters, an entry in BatchGetSecretValue's Errors), while the call itself
+    succeeded. A batch route lists it in its answer; a single read of that item answers
+    it as an error. Transient only when AWS's code says so (throttling, InternalServiceError)."""
+
+    def __init__(self, error_type, message):
+        super().__init__(500 if error_type == "InternalServiceError" else 400, error_type, message)
+
+
 class UpstreamUnreachable(UpstreamError):
     """No answer could be had: connection refused, reset, closed mid-body, bad TLS."""
 
@@ -320,6 +340,16 @@ class UpstreamInvalidResponse(UpstreamError):
 
     def __init__(self, detail):
         super().__init__(502, "UpstreamInvalidResponse", "AWS sent an answer this extension cannot use", detail)
+
+
+class TooManyParameters(UpstreamError):
+    """A path that holds more parameters than get-by-path answers (MAX_PATH_PARAMETERS).
+    Not transient: another try finds as many."""
+
+    def __init__(self, limit):
+        super().__init__(502, "TooManyParameters",
+                         f"the path holds more than {limit} parameters, the most get-by-path answers; "
+                         "read narrower paths (recursive=false, or a longer path)")
 
 
 class CredentialsUnavailable(UpstreamError):
@@ -1352,11 +1382,17 @@ def secret_ids_match(asked, name, arn):
     return asked in (name, arn) or (len(arn) == len(asked) + 7 and arn.startswith(asked + "-"))
 
 
-def render_parameter(answer, asked, selector):
-    """The SDK's GetParameter output as the official extension serialises it, from an
-    answer checked to have GetParameter's shape and to be for the name asked."""
-    wire = answer.get("Parameter") if isinstance(answer, dict) else None
-    _require(isinstance(wire, dict), "GetParameter without a Parameter object")
+# The official bodies are built from these pieces, so that a batch route can take the
+# Parameter object out of a cached /get body, or a secret's entry, by slicing bytes
+# rather than parsing JSON (a hit on a batch route stays a few lookups and one join).
+PARAMETER_HEAD = b'{"Parameter": '
+RESULT_TAIL = b', "ResultMetadata": {}}'
+
+
+def parameter_object(wire, selector=None):
+    """The official Parameter object from one parameter of an AWS answer, checked to have
+    the API's shape (GetParameter, GetParameters and GetParametersByPath share it)."""
+    _require(isinstance(wire, dict), "a parameter that is not an object")
     name, value, version = wire.get("Name"), wire.get("Value"), wire.get("Version")
     _require(isinstance(name, str) and name, "a parameter without a Name")
     _require(isinstance(value, str), "a parameter whose Value is not text")
@@ -1366,8 +1402,7 @@ def render_parameter(answer, asked, selector):
              "a parameter whose Version is not a whole number")
     for field_name in ("ARN", "DataType", "Selector", "SourceResult"):
         _require(_optional_text(wire.get(field_name)), f"a parameter whose {field_name} is not text")
-    _require(parameter_names_match(asked, name, wire.get("ARN") or ""), "another parameter than the one asked")
-    parameter = {
+    return {
         "ARN": wire.get("ARN"),
         "DataType": wire.get("DataType"),
         "LastModifiedDate": _timestamp(wire.get("LastModifiedDate"), "LastModifiedDate"),
@@ -1379,14 +1414,24 @@ def render_parameter(answer, asked, selector):
         "Value": value,
         "Version": version,
     }
-    return json.dumps({"Parameter": parameter, "ResultMetadata": {}}).encode("utf-8")
 
 
-def render_secret(answer, asked):
-    """The SDK's GetSecretValue output as the official extension serialises it (binary
-    stays the base64 text AWS sent), from an answer checked to have GetSecretValue's
-    shape and to be for the secret asked."""
-    _require(isinstance(answer, dict), "GetSecretValue that is not an object")
+def render_parameter(answer, asked, selector):
+    """The SDK's GetParameter output as the official extension serialises it, from an
+    answer checked to have GetParameter's shape and to be for the name asked."""
+    wire = answer.get("Parameter") if isinstance(answer, dict) else None
+    _require(isinstance(wire, dict), "GetParameter without a Parameter object")
+    parameter = parameter_object(wire, selector)
+    _require(parameter_names_match(asked, parameter["Name"], parameter["ARN"] or ""),
+             "another parameter than the one asked")
+    return PARAMETER_HEAD + json.dumps(parameter).encode("utf-8") + RESULT_TAIL
+
+
+def secret_entry(answer, asked):
+    """The official secret (the SDK's GetSecretValue output without ResultMetadata, which
+    is also BatchGetSecretValue's SecretValueEntry), from an answer checked to have the
+    API's shape and to be for the id asked. Binary stays the base64 text AWS sent."""
+    _require(isinstance(answer, dict), "a secret that is not an object")
     arn, name = answer.get("ARN"), answer.get("Name")
     _require(isinstance(arn, str) and arn and isinstance(name, str) and name, "a secret without a Name and ARN")
     _require(isinstance(answer.get("VersionId"), str), "a secret whose VersionId is not text")
@@ -1397,7 +1442,7 @@ def render_secret(answer, asked):
     _require(stages is None or (isinstance(stages, list) and all(isinstance(stage, str) for stage in stages)),
              "VersionStages that are not a list of text")
     _require(secret_ids_match(asked, name, arn), "another secret than the one asked")
-    secret = {
+    return {
         "ARN": arn,
         "CreatedDate": _timestamp(answer.get("CreatedDate"), "CreatedDate"),
         "Name": name,
@@ -1405,9 +1450,82 @@ def render_secret(answer, asked):
         "SecretString": string,
         "VersionId": answer.get("VersionId"),
         "VersionStages": stages,
-        "ResultMetadata": {},
     }
-    return json.dumps(secret).encode("utf-8")
+
+
+def render_secret(answer, asked):
+    """The SDK's GetSecretValue output as the official extension serialises it."""
+    return json.dumps(secret_entry(answer, asked)).encode("utf-8")[:-1] + RESULT_TAIL
+
+
+def _list_of(answer, field_name, optional=False):
+    value = answer.get(field_name)
+    if value is None and optional:
+        return []
+    _require(isinstance(value, list), f"{field_name} that is not a list")
+    return value
+
+
+def split_parameters(answer, asked):
+    """{asked text: rendered /get body, or ItemError} from a GetParameters answer for the
+    names asked, [(asked text, name, selector)], no two for one parameter (see
+    ParameterBatch.fetch), each checked as GetParameter's would be. Every name asked must be
+    answered, and nothing else: a parameter is matched to the name asked that it is for
+    (by name or ARN; by Version for a version selector; by Selector when AWS echoes one)."""
+    _require(isinstance(answer, dict), "GetParameters that is not an object")
+    wires = _list_of(answer, "Parameters")
+    invalid = _list_of(answer, "InvalidParameters", optional=True)
+    _require(all(isinstance(name, str) for name in invalid), "InvalidParameters that are not text")
+    invalid = set(invalid)
+    parameters = [parameter_object(wire) for wire in wires]
+    taken = [False] * len(parameters)
+    results = {}
+    for text, _, selector in asked:
+        if text in invalid:
+            kind = "ParameterVersionNotFound" if selector and selector[1:].isdigit() else "ParameterNotFound"
+            results[text] = ItemError(kind, f"Parameter {text} not found.")
+            continue
+        for index, parameter in enumerate(parameters):
+            if taken[index] or not parameter_names_match(text, parameter["Name"], parameter["ARN"] or ""):
+                continue
+            if parameter["Selector"] is not None and parameter["Selector"] != selector:
+                continue
+            if selector and selector[1:].isdigit() and parameter["Version"] != int(selector[1:]):
+                continue
+            taken[index] = True
+            parameter["Selector"] = parameter["Selector"] or selector
+            results[text] = PARAMETER_HEAD + json.dumps(parameter).encode("utf-8") + RESULT_TAIL
+            break
+        else:
+            raise UpstreamInvalidResponse(f"GetParameters without {shown(text)!r} among its answers")
+    _require(all(taken), "GetParameters with a parameter that was not asked")
+    return results
+
+
+def split_secrets(answer, asked):
+    """{secret id: rendered /get body, or ItemError} from a BatchGetSecretValue answer for
+    the ids asked. Every id must be answered, by a SecretValues entry or an Errors entry."""
+    _require(isinstance(answer, dict), "BatchGetSecretValue that is not an object")
+    entries = _list_of(answer, "SecretValues")
+    errors = _list_of(answer, "Errors", optional=True)
+    results = {}
+    for error in errors:
+        _require(isinstance(error, dict) and error.get("SecretId") in asked
+                 and isinstance(error.get("ErrorCode"), str) and _optional_text(error.get("Message")),
+                 "an Errors entry that is not for an id asked")
+        code = error["ErrorCode"] if AWS_ERROR_TYPE.fullmatch(error["ErrorCode"]) else "UnknownError"
+        results[error["SecretId"]] = ItemError(code, (error.get("Message") or "")[:1024])
+    for entry in entries:
+        _require(isinstance(entry, dict), "a SecretValues entry that is not an object")
+        name, arn = entry.get("Name"), entry.get("ARN")
+        name, arn = (name, arn) if isinstance(name, str) and isinstance(arn, str) else ("", "")
+        matched = [secret_id for secret_id in asked if secret_ids_match(secret_id, name, arn)]
+        _require(matched, "a secret that was not asked")
+        for secret_id in matched:  # a name and an ARN asked together are one secret
+            results[secret_id] = render_secret(entry, secret_id)
+    _require(len(results) == len(asked), "BatchGetSecretValue that leaves an id asked unanswered")
+    return results
+
 
 # ---------------------------------------------------------------------------
 # Cache: TTL + LRU on two clocks, one AWS call per miss, stale answers
@@ -1451,6 +1569,23 @@ class TTLCache:
             if now >= entry[1] + self.max_stale or wall_now >= entry[2] + self.max_stale:
                 del self._entries[key]              # dead: past any stale use
             return None
+
+    def get_many(self, keys):
+        """{key: value} for those of keys that are fresh, as get does for each, under one
+        lock and one reading of the clocks (a batch hit is one call, not one per key)."""
+        found = {}
+        with self._lock:
+            now, wall_now = self.clock(), self.wall()
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None:
+                    continue
+                if now < entry[1] and wall_now < entry[2]:
+                    self._entries.move_to_end(key)
+                    found[key] = entry[0]
+                elif now >= entry[1] + self.max_stale or wall_now >= entry[2] + self.max_stale:
+                    del self._entries[key]
+        return found
 
     def get_stale(self, key):
         """A value, expired or not, still within max_stale seconds of its expiry, else None."""
@@ -1498,9 +1633,9 @@ class Stats:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(self.NAMES, 0)
 
-    def add(self, name):
+    def add(self, name, count=1):
         with self._lock:
-            self._counts[name] += 1
+            self._counts[name] += count
 
     def snapshot(self):
         with self._lock:
@@ -1584,6 +1719,119 @@ class Store:
                 del self._flights[key]
             flight.done.set()
         return flight.value, flight.cache_status
+
+    def get_many(self, keys, call, ttl, refresh=False, deadline=None):
+        """{key: (value, cache status) or the UpstreamError for it} for distinct keys, under
+        the same rules as get, key by key: hits from the cache, refreshNow's rate per key,
+        one flight per key (a key another request is fetching is waited for, not fetched
+        again), and stale values. call(keys) fetches the keys this request leads, in as few
+        AWS calls as it likes, and returns {key: value or UpstreamError}; when it raises an
+        UpstreamError, every one of those keys has that error."""
+        results = {}
+        if ttl and not refresh:
+            found = self.cache.get_many(keys)
+            if found:
+                self.stats.add("hits", len(found))
+                results = {key: (value, "hit") for key, value in found.items()}
+                if len(found) == len(keys):
+                    return results
+        pending = []
+        for key in keys:
+            if key in results:
+                continue
+            if ttl and refresh:
+                recent = self._recent_refresh(key)
+                if recent is not None:
+                    value, error = recent
+                    if error is not None:
+                        results[key] = self._stale_or_error(key, ttl, error)
+                    else:
+                        self.stats.add("hits")
+                        results[key] = (value, "hit")
+                    continue
+            pending.append(key)
+        led, followed = [], []
+        with self._lock:
+            for key in pending:
+                flight = self._flights.get(key)
+                if flight is None:
+                    led.append((key, self._flights.setdefault(key, _Flight())))
+                else:
+                    followed.append((key, flight))
+        if led:
+            try:
+                self._miss_many(led, call, ttl, refresh, results)
+            except BaseException as error:
+                for key, flight in led:
+                    if key not in results:
+                        flight.error = error
+                raise
+            finally:
+                with self._lock:
+                    for key, _ in led:
+                        del self._flights[key]
+                for _, flight in led:
+                    flight.done.set()
+        for key, flight in followed:
+            wait = WAIT_WITHOUT_BUDGET if deadline is None else deadline - self.clock()
+            if not flight.done.wait(max(0.0, wait)):
+                self.stats.add("errors")
+                results[key] = self._stale_or_error(key, ttl, UpstreamTimeout("waited for another request's AWS call"))
+            elif flight.error is not None:
+                results[key] = flight.error
+            else:
+                results[key] = (flight.value, flight.cache_status)
+        return results
+
+    def _miss_many(self, led, call, ttl, refresh, results):
+        missing = []
+        for key, flight in led:
+            value = self.cache.get(key) if ttl and not refresh else None  # filled while we queued
+            if value is not None:
+                self.stats.add("hits")
+                flight.value, flight.cache_status = results[key] = (value, "hit")
+            else:
+                self.stats.add("misses")
+                missing.append((key, flight))
+        if not missing:
+            return
+        started = self.clock()
+        try:
+            values = call([key for key, _ in missing])
+        except UpstreamError as error:
+            values = {}
+            failure = error
+        else:
+            failure = UpstreamInvalidResponse("a batch answer that leaves a key out")
+        for key, flight in missing:
+            value = values.get(key, failure)
+            if isinstance(value, UpstreamError):
+                self.stats.add("errors")
+                if not value.transient:
+                    self.cache.discard(key)
+                if ttl and refresh:
+                    self._remember_refresh(key, started, None, value)
+                outcome = self._stale_or_error(key, ttl, value)
+            else:
+                if ttl and refresh:
+                    self._remember_refresh(key, started, value, None)
+                elif ttl:
+                    self._forget_refresh(key)
+                if ttl:
+                    self.cache.put(key, value, ttl)
+                outcome = (value, "miss" if ttl else "bypass")
+            if isinstance(outcome, tuple):
+                flight.value, flight.cache_status = outcome
+            else:
+                flight.error = outcome
+            results[key] = outcome
+
+    def _stale_or_error(self, key, ttl, error):
+        """(stale value, "stale") when one may answer for a transient error, else the error."""
+        try:
+            return self._stale_or_raise(key, ttl, error)
+        except UpstreamError as raised:
+            return raised
 
     def _miss(self, key, call, ttl, refresh):
         if ttl and not refresh:
@@ -1716,6 +1964,7 @@ def _single_values(pairs, allowed):
 BOOLEAN_WORDS = {
     "withDecryption": {"true": True, "false": False},
     "refreshNow": {"true": True, "false": False, "1": True, "0": False},
+    "recursive": {"true": True, "false": False},
 }
 
 
@@ -1741,23 +1990,314 @@ def _identifier(values, key, what):
     return value
 
 
+TOKEN_HEADER = "X-Aws-Parameters-Secrets-Token"
+CACHE_HEADER = "X-Parameters-Secrets-Cache"
+CONTENT_TYPE = "Content-Type"  # sent as application/json unless an answer names another
+TEXT_TYPE = "text/plain; charset=utf-8"
+BINARY_TYPE = "application/octet-stream"
+# An item of a batch is listed in its answer for these errors; any other fails the request.
+PARAMETER_NOT_FOUND = ("ParameterNotFound", "ParameterVersionNotFound")
+MAX_NAMES = 50               # get-multiple (docs/http-api.md)
+NAMES_PER_CALL = 10          # GetParameters takes at most 10 names
+MAX_SECRET_IDS = 20          # BatchGetSecretValue takes at most 20 ids
+MAX_PATH_PARAMETERS = 1000   # get-by-path; also what bounds the pages read and their size
+PATH_PAGE_SIZE = 10          # GetParametersByPath's largest MaxResults
+
+
+def _no_constant(text):
+    raise ValueError(f"{text} is not JSON")  # json.loads takes NaN and Infinity otherwise
+
+
+def json_member(text, json_key):
+    """The value of json_key in text, a JSON object. The errors name the key, never the value."""
+    try:
+        document = json.loads(text, parse_constant=_no_constant) if text is not None else None
+    except (ValueError, RecursionError):
+        document = None
+    shown_key = json_key[:100] + ("\u2026" if len(json_key) > 100 else "")
+    if not isinstance(document, dict):
+        raise ClientError(400, "ValueNotJsonObject", f"the value is not a JSON object, so it has no key {shown_key!r}")
+    if json_key not in document:
+        raise ClientError(404, "JsonKeyNotFound", f"the value has no key {shown_key!r}")
+    return document[json_key]
+
+
+def project(aws_service, body, json_key, raw, cache_status):
+    """(headers, body) of a /get answer that asked for jsonKey or format=raw, computed from
+    the cached official body: the cache holds each value once."""
+    document = json.loads(body)
+    if aws_service == "ssm":
+        text, binary = document["Parameter"]["Value"], None
+    else:
+        text, binary = document["SecretString"], document["SecretBinary"]
+    if json_key is not None:
+        value = json_member(text, json_key)
+        if not raw:
+            return ((CACHE_HEADER, cache_status),), json.dumps({"Value": value, "ResultMetadata": {}}).encode("utf-8")
+        text = value if isinstance(value, str) else json.dumps(value)
+    if text is None:
+        import base64  # only for a binary secret asked raw
+
+        try:
+            data = base64.b64decode(binary, validate=True)
+        except ValueError:  # binascii.Error
+            raise UpstreamInvalidResponse("a SecretBinary that is not base64") from None
+        return ((CONTENT_TYPE, BINARY_TYPE), (CACHE_HEADER, cache_status)), data
+    return ((CONTENT_TYPE, TEXT_TYPE), (CACHE_HEADER, cache_status)), text.encode("utf-8", "replace")
+
+
+def batch_status(statuses):
+    """The cache header of a batch answer from its items' (an item listed as an error
+    counts as miss, or bypass): stale if any was, else miss if AWS was called for any,
+    else bypass or hit."""
+    for status in ("stale", "miss", "bypass"):
+        if status in statuses:
+            return status
+    return "hit"
+
+
+def run_concurrently(functions, clock, deadline):
+    """[function() for each], the first in this thread and each other in a thread of its
+    own, waiting for each until the deadline (monotonic on clock, or None: for
+    WAIT_WITHOUT_BUDGET) and a little more, since each function is bounded by that
+    deadline itself. A function still running then, or that failed, gives its exception
+    (UpstreamTimeout for the first)."""
+    results = [None] * len(functions)
+    events = []
+
+    def run(index, event):
+        try:
+            results[index] = functions[index]()
+        except Exception as error:  # handed to the caller, who answers it
+            results[index] = error
+        finally:
+            event.set()
+
+    for index in range(1, len(functions)):
+        event = threading.Event()
+        try:  # _thread: Thread.start() can wait for ever under memory pressure (docs/pitfalls.md)
+            _thread.start_new_thread(run, (index, event))
+        except (RuntimeError, MemoryError):
+            run(index, event)
+        events.append(event)
+    run(0, threading.Event())
+    for index, event in enumerate(events, 1):
+        wait = WAIT_WITHOUT_BUDGET if deadline is None else deadline - clock() + 0.5
+        if not event.wait(max(0.0, wait)):
+            results[index] = UpstreamTimeout("a concurrent AWS call did not end in time")
+    return results
+
+
 class Lookup:
-    """What one request asks for: the cache key, the AWS call (target and payload) and
-    how its answer is checked and shaped (render: answer -> bytes to serve)."""
+    """One value, as /get reads it: the cache key, the AWS call (target and payload), how
+    its answer is checked and shaped (render: answer -> bytes to serve), and the
+    projection asked (json_key: jsonKey or None; raw: format=raw)."""
 
-    __slots__ = ("aws_service", "key", "target", "payload", "render", "refresh")
+    __slots__ = ("aws_service", "key", "target", "payload", "render", "refresh", "json_key", "raw")
 
-    def __init__(self, aws_service, key, target, payload, render, refresh):
+    def __init__(self, aws_service, key, target, payload, render, refresh, json_key=None, raw=False):
         self.aws_service = aws_service
         self.key = key
         self.target = target
         self.payload = payload
         self.render = render
         self.refresh = refresh
+        self.json_key = json_key
+        self.raw = raw
+
+    def describe(self):
+        return describe_key(self.key)
+
+    def fetch(self, client, deadline):
+        return client.call(self.target, self.payload, deadline, self.render)
+
+    def serve(self, service):
+        value, cache_status = service.get(self)
+        if self.json_key is None and not self.raw:
+            return ((CACHE_HEADER, cache_status),), value
+        return project(self.aws_service, value, self.json_key, self.raw, cache_status)
 
 
-PARAMETER_KEYS = ("name", "version", "label", "withDecryption", "refreshNow")
-SECRET_KEYS = ("secretId", "versionId", "versionStage", "refreshNow")
+class PathLookup(Lookup):
+    """get-by-path: one cache entry for a whole (path, recursive, withDecryption), filled
+    by GetParametersByPath page after page (NextToken) within one budget."""
+
+    __slots__ = ()
+
+    def fetch(self, client, deadline):
+        path, recursive = self.key[1], self.key[2]
+        prefix = path if path.endswith("/") else path + "/"
+
+        def page(answer):
+            _require(isinstance(answer, dict), "GetParametersByPath that is not an object")
+            token = answer.get("NextToken")
+            _require(token is None or (isinstance(token, str) and token), "a NextToken that is not text")
+            parameters = []
+            for wire in _list_of(answer, "Parameters"):
+                parameter = parameter_object(wire)
+                rest = parameter["Name"][len(prefix):]
+                _require(parameter["Name"].startswith(prefix) and rest and (recursive or "/" not in rest),
+                         "a parameter that is not under the path asked")
+                parameters.append(parameter)
+            return parameters, token
+
+        parameters, token = [], None
+        # A page holds 1 to 10 parameters, or none: this many pages is the most 1,000 can take.
+        for _ in range(MAX_PATH_PARAMETERS + 1):
+            payload = dict(self.payload, NextToken=token) if token else self.payload
+            found, token = client.call(self.target, payload, deadline, page)
+            parameters.extend(found)
+            if len(parameters) > MAX_PATH_PARAMETERS:
+                raise TooManyParameters(MAX_PATH_PARAMETERS)
+            if token is None:
+                return json.dumps({"Parameters": parameters, "NextToken": None, "ResultMetadata": {}}).encode("utf-8")
+        raise UpstreamInvalidResponse("GetParametersByPath pages that do not end")
+
+
+class ParameterBatch:
+    """get-multiple: names [(asked text, name, selector)], each in the cache entry /get
+    uses for that name, selector and decryption (keys, in the same order)."""
+
+    aws_service = "ssm"
+    __slots__ = ("names", "keys", "decrypt", "refresh")
+
+    def __init__(self, names, decrypt, refresh):
+        self.names = names
+        self.keys = [("ssm", name, selector, decrypt) for _, name, selector in names]
+        self.decrypt = decrypt
+        self.refresh = refresh
+
+    def describe(self):
+        return f"ssm {len(self.names)} names, first {shown(self.names[0][0])!r}"
+
+    def fetch(self, client, keys, deadline):
+        """{key: body or error} for keys: GetParameters calls of 10 names, made concurrently."""
+        asked = set(keys)
+        chunks, bases = [], []
+        for entry, key in zip(self.names, self.keys):
+            if key not in asked:
+                continue
+            # One parameter at most once a call: an answer names /a without its selector
+            # (moto never echoes it; in any order), so /a, /a:1 and /a:prod in one call
+            # could not be told apart. Asking for several versions of one parameter costs
+            # a call each; distinct names fill calls of 10.
+            base = entry[1].split(":parameter", 1)[-1].lstrip("/")
+            index = next((i for i, chunk in enumerate(chunks)
+                          if len(chunk) < NAMES_PER_CALL and base not in bases[i]), len(chunks))
+            if index == len(chunks):
+                chunks.append([])
+                bases.append(set())
+            chunks[index].append(entry)
+            bases[index].add(base)
+
+        def calling(chunk):
+            payload = {"Names": [text for text, _, _ in chunk], "WithDecryption": self.decrypt}
+            return lambda: client.call("AmazonSSM.GetParameters", payload, deadline,
+                                       lambda answer: split_parameters(answer, chunk))
+
+        results = {}
+        for chunk, outcome in zip(chunks, run_concurrently([calling(chunk) for chunk in chunks], client.clock,
+                                                           deadline)):
+            if isinstance(outcome, Exception) and not isinstance(outcome, UpstreamError):
+                raise outcome
+            for text, name, selector in chunk:
+                key = ("ssm", name, selector, self.decrypt)
+                results[key] = outcome if isinstance(outcome, UpstreamError) else outcome[text]
+        return results
+
+    def serve(self, service):
+        results = service.get_many(self)
+        parameters, invalid, statuses = [], [], set()
+        head, tail = len(PARAMETER_HEAD), -len(RESULT_TAIL)
+        for (text, _, _), key in zip(self.names, self.keys):
+            outcome = results[key]
+            if type(outcome) is tuple:
+                parameters.append(outcome[0][head:tail])
+                statuses.add(outcome[1])
+            elif isinstance(outcome, AwsError) and outcome.error_type in PARAMETER_NOT_FOUND:
+                invalid.append(text)
+                statuses.add("miss" if service.ttl["ssm"] else "bypass")  # errors are never cached
+            else:
+                raise outcome
+        listed = json.dumps(invalid).encode("utf-8")
+        service.refuse_token_echo(listed)
+        body = b'{"Parameters": [' + b", ".join(parameters) + b'], "InvalidParameters": ' + listed + RESULT_TAIL
+        return ((CACHE_HEADER, batch_status(statuses)),), body
+
+
+class SecretBatch:
+    """batch-get: secret ids, each in the cache entry /get uses for it (AWSCURRENT)."""
+
+    aws_service = "secretsmanager"
+    __slots__ = ("ids", "keys", "refresh")
+
+    def __init__(self, ids, refresh):
+        self.ids = ids
+        self.keys = [("secretsmanager", secret_id, None, None) for secret_id in ids]
+        self.refresh = refresh
+
+    def describe(self):
+        return f"secretsmanager {len(self.ids)} ids, first {shown(self.ids[0])!r}"
+
+    def fetch(self, client, keys, deadline):
+        """{key: body or ItemError} for keys: one BatchGetSecretValue call (20 ids at most)."""
+        ids = [key[1] for key in keys]
+        bodies = client.call("secretsmanager.BatchGetSecretValue", {"SecretIdList": ids}, deadline,
+                             lambda answer: split_secrets(answer, ids))
+        return {("secretsmanager", secret_id, None, None): bodies[secret_id] for secret_id in ids}
+
+    def serve(self, service):
+        results = service.get_many(self)
+        entries, errors, statuses = [], [], set()
+        tail = -len(RESULT_TAIL)
+        for secret_id, key in zip(self.ids, self.keys):
+            outcome = results[key]
+            if type(outcome) is tuple:
+                entries.append(outcome[0][:tail] + b"}")
+                statuses.add(outcome[1])
+            elif isinstance(outcome, ItemError):
+                errors.append({"SecretId": secret_id, "ErrorCode": outcome.error_type, "Message": outcome.message})
+                statuses.add("miss" if service.ttl["secretsmanager"] else "bypass")
+            else:
+                raise outcome
+        listed = json.dumps(errors).encode("utf-8")
+        service.refuse_token_echo(listed)
+        body = b'{"SecretValues": [' + b", ".join(entries) + b'], "Errors": ' + listed + RESULT_TAIL
+        return ((CACHE_HEADER, batch_status(statuses)),), body
+
+
+PARAMETER_KEYS = ("name", "version", "label", "withDecryption", "refreshNow", "jsonKey", "format")
+SECRET_KEYS = ("secretId", "versionId", "versionStage", "refreshNow", "jsonKey", "format")
+PATH_KEYS = ("path", "recursive", "withDecryption", "refreshNow")
+NAMES_KEYS = ("names", "withDecryption", "refreshNow")
+SECRET_IDS_KEYS = ("secretIds", "refreshNow")
+
+
+def _projection(values):
+    """(jsonKey or None, whether format=raw) of a /get query."""
+    json_key = values.get("jsonKey")
+    if json_key is not None and not 1 <= len(json_key) <= MAX_NAME_LENGTH:
+        raise ClientError(400, "InvalidQueryValue", f"jsonKey must be 1 to {MAX_NAME_LENGTH} characters")
+    form = values.get("format")
+    if form is not None and form.lower() not in ("json", "raw"):
+        raise ClientError(400, "InvalidQueryValue", "format must be raw or json (any case)")
+    return json_key, form is not None and form.lower() == "raw"
+
+
+def _list(values, key, what, limit):
+    """The distinct comma-separated items of a required list key, in the order given."""
+    text = values.get(key)
+    if text is None:
+        raise ClientError(400, "MissingQueryKey", f"the query key {key!r} ({what}, comma-separated) is required")
+    items = text.split(",")
+    if len(items) > limit:
+        raise ClientError(400, "InvalidQueryValue", f"{key} holds {len(items)} items; at most {limit} are taken")
+    for item in items:
+        if not item:
+            raise ClientError(400, "InvalidQueryValue", f"{key} holds an empty item")
+        if len(item) > MAX_NAME_LENGTH:
+            raise ClientError(400, "InvalidQueryValue", f"{key} holds an item longer than {MAX_NAME_LENGTH} characters")
+    return list(dict.fromkeys(items))
 
 
 def parameter_lookup(pairs):
@@ -1765,6 +2305,7 @@ def parameter_lookup(pairs):
     name = _identifier(values, "name", "the parameter name")
     decrypt = _boolean(values, "withDecryption")
     refresh = _boolean(values, "refreshNow")
+    json_key, raw = _projection(values)
     # version and label are both selectors; the official extension uses the one that
     # comes first in the query string and ignores the other (documented behaviour).
     selector = None
@@ -1784,13 +2325,15 @@ def parameter_lookup(pairs):
     def render(answer):
         return render_parameter(answer, name, selector)
 
-    return Lookup("ssm", ("ssm", name, selector, decrypt), "AmazonSSM.GetParameter", payload, render, refresh)
+    return Lookup("ssm", ("ssm", name, selector, decrypt), "AmazonSSM.GetParameter", payload, render, refresh,
+                  json_key, raw)
 
 
 def secret_lookup(pairs):
     values = _single_values(pairs, SECRET_KEYS)
     secret_id = _identifier(values, "secretId", "the secret name or ARN")
     refresh = _boolean(values, "refreshNow")
+    json_key, raw = _projection(values)
     payload = {"SecretId": secret_id}
     for key, field_name, limit in (("versionId", "VersionId", 64), ("versionStage", "VersionStage", 256)):
         value = values.get(key)
@@ -1803,11 +2346,43 @@ def secret_lookup(pairs):
         return render_secret(answer, secret_id)
 
     key = ("secretsmanager", secret_id, values.get("versionId"), values.get("versionStage"))
-    return Lookup("secretsmanager", key, "secretsmanager.GetSecretValue", payload, render, refresh)
+    return Lookup("secretsmanager", key, "secretsmanager.GetSecretValue", payload, render, refresh, json_key, raw)
 
 
-TOKEN_HEADER = "X-Aws-Parameters-Secrets-Token"
-CACHE_HEADER = "X-Parameters-Secrets-Cache"
+def path_lookup(pairs):
+    values = _single_values(pairs, PATH_KEYS)
+    path = _identifier(values, "path", "the parameter path")
+    if not path.startswith("/"):
+        raise ClientError(400, "InvalidQueryValue", "path must start with '/'")
+    recursive = _boolean(values, "recursive")
+    decrypt = _boolean(values, "withDecryption")
+    payload = {"Path": path, "Recursive": recursive, "WithDecryption": decrypt, "MaxResults": PATH_PAGE_SIZE}
+    return PathLookup("ssm", ("ssm-path", path, recursive, decrypt), "AmazonSSM.GetParametersByPath", payload,
+                      None, _boolean(values, "refreshNow"))
+
+
+def split_selector(text):
+    """(name, selector or None) of a name as GetParameters takes it: '/a:3' is ('/a', ':3'),
+    the key /get uses for name=/a&version=3. A Secrets Manager reference by ARN ends in the
+    secret's name after ':secret:', which is no selector."""
+    match = SELECTOR_SUFFIX.fullmatch(text) if ":" in text else None
+    if match is None or match.group(1).endswith(":secret"):
+        return text, None
+    return match.group(1), ":" + match.group(2)
+
+
+def names_lookup(pairs):
+    values = _single_values(pairs, NAMES_KEYS)
+    names = [(text,) + split_selector(text) for text in _list(values, "names", "parameter names", MAX_NAMES)]
+    return ParameterBatch(names, _boolean(values, "withDecryption"), _boolean(values, "refreshNow"))
+
+
+def secret_ids_lookup(pairs):
+    values = _single_values(pairs, SECRET_IDS_KEYS)
+    return SecretBatch(_list(values, "secretIds", "secret names or ARNs", MAX_SECRET_IDS),
+                       _boolean(values, "refreshNow"))
+
+
 PING_BODY = b'{"status": "ok"}'
 # Headers that say a proxy forwarded the request. Callers in Lambda are on this host and
 # never proxied; a proxied request may be forged server-side (SSRF), so it is refused, as
@@ -1830,6 +2405,12 @@ class Service:
         "/systemsmanager/parameters/get/": parameter_lookup,
         "/secretsmanager/get": secret_lookup,
         "/secretsmanager/get/": secret_lookup,
+        "/systemsmanager/parameters/get-by-path": path_lookup,
+        "/systemsmanager/parameters/get-by-path/": path_lookup,
+        "/systemsmanager/parameters/get-multiple": names_lookup,
+        "/systemsmanager/parameters/get-multiple/": names_lookup,
+        "/secretsmanager/batch-get": secret_ids_lookup,
+        "/secretsmanager/batch-get/": secret_ids_lookup,
     }
 
     def __init__(self, config, log, credentials, stats=None, clock=time.monotonic, wall=time.time, sleep=time.sleep):
@@ -1861,7 +2442,7 @@ class Service:
         """(status, [(header, value)], body) for one request. headers: [(lower-case name,
         value)] as received, repeats kept. Never raises: every failure is answered."""
         self.check_restore()
-        lookup = None
+        request = None
         try:
             if method != "GET":
                 raise ClientError(405, "MethodNotAllowed", f"only GET is served, not {method[:16]!r}")
@@ -1873,8 +2454,9 @@ class Service:
                 return 200, (), PING_BODY
             route = self.ROUTES.get(path)
             if route is None:
-                raise ClientError(404, "NotFound", "unknown path; use /systemsmanager/parameters/get "
-                                                   "or /secretsmanager/get")
+                raise ClientError(404, "NotFound", "unknown path; use /systemsmanager/parameters/get, "
+                                                   "get-by-path or get-multiple, or /secretsmanager/get "
+                                                   "or batch-get")
             tokens = [value for name, value in headers if name == "x-aws-parameters-secrets-token"]
             if not tokens:
                 raise ClientError(401, "MissingToken", f"the header {TOKEN_HEADER} is required")
@@ -1882,13 +2464,13 @@ class Service:
                 raise ClientError(400, "RepeatedHeader", f"the header {TOKEN_HEADER} is given more than once")
             if not self.token_matches(tokens[0]):
                 raise ClientError(403, "InvalidToken", f"the header {TOKEN_HEADER} does not match")
-            lookup = route(parse_query(query))
-            value, cache_status = self.get(lookup)
-            return 200, ((CACHE_HEADER, cache_status),), value
+            request = route(parse_query(query))
+            extra, body = request.serve(self)
+            return 200, extra, body
         except Exception as error:  # every failure is answered; the server keeps serving
             if isinstance(error, UnknownQueryKey) and self._looks_like_token(error.key):
                 error = UnknownQueryKey(error.key, "unknown query key (not shown: it looks like the token)")
-            self._log_failure(method, target, lookup, error)
+            self._log_failure(method, target, request, error)
             status, extra, body = error_answer(error)
             if self._token_text and len(self._token_text) >= 8 and self._token_text.encode() in body:
                 # An AWS message that quotes a name which is the token pasted by mistake.
@@ -1900,11 +2482,17 @@ class Service:
         # Constant time over the content: a wrong last byte takes as long as a wrong first.
         return hmac.compare_digest(given.encode("latin-1", "replace"), self._token)
 
+    def refuse_token_echo(self, listed):
+        """Refuse a batch answer whose list of failed items quotes the request token (a
+        token pasted as a name): like an error body, it must never carry it back."""
+        if self._token_text and len(self._token_text) >= 8 and self._token_text.encode() in listed:
+            raise ClientError(400, "InvalidQueryValue", "(message withheld: an item asked is the request token)")
+
     def _looks_like_token(self, key):
         token = self._token_text
         return bool(token) and (token in key or (len(key) >= 8 and key[:ECHOED_KEY_LENGTH] in token))
 
-    def _log_failure(self, method, target, lookup, error):
+    def _log_failure(self, method, target, request, error):
         if not isinstance(error, HttpError):
             # Where it happened, so that a 500 can be found; never a value (no locals).
             frame = error.__traceback__
@@ -1914,7 +2502,7 @@ class Service:
                      f"in {frame.tb_frame.f_code.co_name}") if frame is not None else ""
             self.log.error(f"internal error: {type(error).__name__}{where}")
         elif self.log.enabled("debug"):
-            subject = f" ({self._redacted(describe_key(lookup.key))})" if lookup is not None else ""
+            subject = f" ({self._redacted(request.describe())})" if request is not None else ""
             self.log.debug(f"{shown(method, 16)} {self._redacted(shown(target.partition('?')[0]))}{subject} -> "
                            f"{error.status} {error.error_type}: {self._redacted(shown(error))}")
 
@@ -1929,9 +2517,21 @@ class Service:
         deadline = self.clock() + budget if budget else None
 
         def call():
-            return client.call(lookup.target, lookup.payload, deadline, lookup.render)
+            return lookup.fetch(client, deadline)
 
         return self.store.get(lookup.key, call, self.ttl[lookup.aws_service], lookup.refresh, deadline)
+
+    def get_many(self, batch):
+        """{key: (value, cache status) or error} for a batch request's keys, within its
+        service's budget (one deadline for every AWS call the batch makes)."""
+        client = self.clients[batch.aws_service]
+        budget = self.budget[batch.aws_service]
+        deadline = self.clock() + budget if budget else None
+
+        def call(keys):
+            return batch.fetch(client, keys, deadline)
+
+        return self.store.get_many(batch.keys, call, self.ttl[batch.aws_service], batch.refresh, deadline)
 
     def check_restore(self):
         """Drop what a snapshot holds when the clocks say the process was restored: the
@@ -2071,9 +2671,12 @@ def connection_after(method, version, headers):
 
 def format_response(status, headers, body, connection=None):
     """The bytes of one answer: status line, headers and body, written with one sendall
-    (with TCP_NODELAY that is one segment, and no delayed-ACK stall: docs/pitfalls.md)."""
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}", "Content-Type: application/json",
-             f"Content-Length: {len(body)}"]
+    (with TCP_NODELAY that is one segment, and no delayed-ACK stall: docs/pitfalls.md).
+    Content-Type is application/json unless headers name another (format=raw)."""
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
+    if all(name != CONTENT_TYPE for name, _ in headers):
+        lines.append("Content-Type: application/json")
+    lines.append(f"Content-Length: {len(body)}")
     lines.extend(f"{name}: {value}" for name, value in headers)
     if connection:
         lines.append(f"Connection: {connection}")

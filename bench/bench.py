@@ -838,6 +838,72 @@ def measure_upstream_economy(ext_port, proxy, settings):
     }
 
 
+BATCH_NAMES = 25  # get-multiple: three GetParameters calls on a miss (the issue's example)
+BATCH_SECRETS = 10
+BATCH_VALUE = "v" * 16
+
+
+def measure_batch_routes(ext_port, moto_endpoint, settings):
+    """Issue 13: a hit on each batch route (get-multiple, get-by-path, batch-get) against a
+    /get hit whose answer has the same size, keep-alive, interleaved request by request;
+    jsonKey and format=raw against a plain /get of the same secret, for information."""
+    ssm = aws_client("ssm", moto_endpoint)
+    sm = aws_client("secretsmanager", moto_endpoint)
+    names = [f"/bench/many/p{i:02d}" for i in range(BATCH_NAMES)]
+    for i, name in enumerate(names):
+        ssm.put_parameter(Name=name, Value=BATCH_VALUE, Type="String")
+        ssm.put_parameter(Name=f"/bench/tree/p{i:02d}", Value=BATCH_VALUE, Type="String")
+    secret_ids = [f"bench/many/s{i:02d}" for i in range(BATCH_SECRETS)]
+    for secret_id in secret_ids:
+        sm.create_secret(Name=secret_id, SecretString=json.dumps({"password": "p" * 64}))
+    batch_paths = {
+        "get-multiple": f"/systemsmanager/parameters/get-multiple?names={','.join(names)}",
+        "get-by-path": "/systemsmanager/parameters/get-by-path?path=/bench/tree/",
+        "batch-get": f"/secretsmanager/batch-get?secretIds={','.join(secret_ids)}",
+    }
+    client = KeepAliveClient(ext_port)
+    result = {}
+    try:
+        for route, path in batch_paths.items():
+            status, _, body = client.get(path)
+            if status != 200:
+                raise RuntimeError(f"extension answered {status} for {route}: {body[:300]!r}")
+            size = len(body)
+            # A /get answer of the same size: the overhead of the answer around the value
+            # is measured on a small value under a name of the same length, then filled.
+            if route == "batch-get":
+                probe, reference = "bench/ref/batch-get-0", "bench/ref/batch-get-1"
+                sm.create_secret(Name=probe, SecretString="x")
+                overhead = len(client.get(f"/secretsmanager/get?secretId={probe}")[2]) - 1
+                sm.create_secret(Name=reference, SecretString="x" * (size - overhead))
+                reference_path = f"/secretsmanager/get?secretId={reference}"
+            else:
+                probe, reference = f"/bench/ref/{route}-0", f"/bench/ref/{route}-1"
+                ssm.put_parameter(Name=probe, Value="x", Type="String")
+                overhead = len(client.get(f"/systemsmanager/parameters/get?name={probe}")[2]) - 1
+                ssm.put_parameter(Name=reference, Value="x" * (size - overhead), Type="String", Tier="Advanced")
+                reference_path = f"/systemsmanager/parameters/get?name={reference}"
+            reference_size = len(client.get(reference_path)[2])
+            calls = {"route": lambda path=path: client.get(path),
+                     "get": lambda reference_path=reference_path: client.get(reference_path)}
+            timed_interleaved(calls, settings.latency_warmup)
+            measured = timed_interleaved(calls, settings.latency_requests // 2)
+            result[route] = {"bytes": size, "reference_bytes": reference_size,
+                             "route": dict(summarize(measured["route"][0]), not_ok=measured["route"][1]),
+                             "get": dict(summarize(measured["get"][0]), not_ok=measured["get"][1])}
+        plain = f"/secretsmanager/get?secretId={secret_ids[0]}"
+        for label, path in (("jsonKey", plain + "&jsonKey=password"), ("format=raw", plain + "&format=raw"),
+                            ("jsonKey&format=raw", plain + "&jsonKey=password&format=raw")):
+            calls = {"route": lambda path=path: client.get(path), "get": lambda: client.get(plain)}
+            timed_interleaved(calls, settings.latency_warmup)
+            measured = timed_interleaved(calls, settings.latency_requests // 4)
+            result[label] = {"route": dict(summarize(measured["route"][0]), not_ok=measured["route"][1]),
+                             "get": dict(summarize(measured["get"][0]), not_ok=measured["get"][1])}
+    finally:
+        client.close()
+    return result
+
+
 # ------------------------------------------------------------------ verdicts, table
 
 
@@ -954,6 +1020,25 @@ def build_rows(r):
     sk = lat["secret_keep_alive"]
     rows.append(row("secret hit p50, keep-alive", f"{sk['p50_ms']:.3f} ms", "-", "-", "-", None,
                     f"p99 {sk['p99_ms']:.3f} ms"))
+
+    batch = r["batch_routes"]
+    for route, items in (("get-multiple", f"{BATCH_NAMES} names"), ("get-by-path", f"{BATCH_NAMES} parameters"),
+                         ("batch-get", f"{BATCH_SECRETS} secrets")):
+        b = batch[route]
+        ratio = b["route"]["p50_ms"] / b["get"]["p50_ms"]
+        valid = not b["route"]["not_ok"] and not b["get"]["not_ok"]
+        rows.append(row(f"{route} hit p50, {items}, keep-alive", f"{b['route']['p50_ms']:.3f} ms",
+                        f"/get {b['get']['p50_ms']:.3f} ms", f"{ratio:.2f}x", "<= 1.5x /get of the same size",
+                        valid and ratio <= 1.5,
+                        f"answers of {b['bytes']} bytes against a /get answer of {b['reference_bytes']} bytes; "
+                        f"p99 {b['route']['p99_ms']:.3f} ms (/get {b['get']['p99_ms']:.3f} ms)"
+                        + ("" if valid else f"; INVALID: not a 200 hit: {b['route']['not_ok']} {b['get']['not_ok']}")))
+    for label in ("jsonKey", "format=raw", "jsonKey&format=raw"):
+        b = batch[label]
+        rows.append(row(f"secret {label} hit p50, keep-alive", f"{b['route']['p50_ms']:.3f} ms",
+                        f"/get {b['get']['p50_ms']:.3f} ms", f"{b['route']['p50_ms'] / b['get']['p50_ms']:.2f}x",
+                        "-", None, "" if not (b["route"]["not_ok"] or b["get"]["not_ok"])
+                        else f"INVALID: not a 200 hit: {b['route']['not_ok']} {b['get']['not_ok']}"))
     return rows
 
 
@@ -1028,6 +1113,8 @@ def run(args):
             results["throughput"] = measure_throughput(args.python, ext_port, floor_port, settings)
             log("6: upstream economy")
             results["economy"] = measure_upstream_economy(ext_port, proxy, settings)
+            log("issue 13: a hit on each batch route against a /get hit of the same size")
+            results["batch_routes"] = measure_batch_routes(ext_port, moto_endpoint, settings)
             launcher.stop(ext)
             launcher.stop(floor)
 
