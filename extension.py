@@ -2445,8 +2445,8 @@ class Reference:
 
 def parse_reference(kind, body, text):
     """The Reference for the body of {{kind:body}} (text: all of it, for messages).
-    Raises UnresolvedReference for an empty or odd name and for what the HTTP API refuses in a
-    query (unknown or repeated keys, bad values), before anything is fetched."""
+    Raises UnresolvedReference for an empty or odd name and for what the HTTP API refuses
+    in a query (unknown or repeated keys, bad values), before anything is fetched."""
     ident, question, query = body.partition("?")
     if not ident:
         raise UnresolvedReference("MalformedReference", "the name is empty")
@@ -2529,7 +2529,7 @@ def value_from_answer(reference, data):
             value = answer.get("SecretString")
             if value is None and answer.get("SecretBinary") is not None:
                 raise UnresolvedReference("BinarySecret", "the secret is binary (SecretBinary); "
-                                                     "an environment variable holds text only")
+                                                          "an environment variable holds text only")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         value = None
     if not isinstance(value, str):

@@ -190,6 +190,11 @@ def test_the_function_sees_the_values_and_everything_else_unchanged(make_lambda,
     assert proxy.count(SSM_GET) == 4, proxy.calls
     assert proxy.count(SM_GET) == 2, proxy.calls
     assert result.payload["cache"] == "hit"
+    # Counted like any request: six misses (one per distinct reference), one hit.
+    shutdown = lam.shutdown()
+    assert shutdown.exits[NAME][0] == 0, lam.logs()
+    assert f"[{NAME}] INFO summary: hits=1 misses=6 aws_calls=6 errors=0 stale=0" in \
+        lam.logs(f"ext-{NAME}").splitlines()
     # Silent when all is well (log level info), and never a value in any log.
     assert runtime_lines(lam) == []
     logs = lam.logs()
