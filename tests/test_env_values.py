@@ -38,7 +38,7 @@ NAME = "parameters-secrets-extension"
 WRAPPER = ROOT / "wrapper"
 BOOTSTRAP = ROOT / "bootstrap"
 # What the shell that runs the wrapper (#!/bin/sh) exports by itself: dash adds PWD, bash
-# also SHLVL and _. Lambda's own runtime bootstraps are shell scripts too.
+# also SHLVL and _ (docs/pitfalls.md, "A runtime wrapper changes the runtime's environment").
 SHELL_VARIABLES = {b"PWD", b"SHLVL", b"_"}
 
 HOST = "db.internal"
