@@ -4,6 +4,9 @@
 #                              /opt/extensions/, and the extension registers under that
 #                              file's name
 #     <name>/extension.py      the extension (mode 0644)
+#     <name>/wrapper           the runtime wrapper (mode 0755): with
+#                              AWS_LAMBDA_EXEC_WRAPPER=/opt/<name>/wrapper, references in
+#                              environment variables become values (docs/env-values.md)
 #     <name>/__pycache__/extension.cpython-3XY.pyc
 #                              its bytecode for each Python 3.9+ found here (python3,
 #                              python3.9 ... python3.14 on PATH, and the interpreters listed
@@ -66,7 +69,7 @@ main() {
         err "$python not found: building the layer needs Python 3 (set PYTHON to one)"
         exit 1
     fi
-    for f in bootstrap extension.py; do
+    for f in bootstrap extension.py wrapper; do
         if [ ! -f "$root/$f" ]; then
             err "$root/$f is missing"
             exit 1
@@ -111,6 +114,7 @@ root, name, zip_path, pyc_dir = sys.argv[1:5]
 entries = {
     "extensions/" + name: (os.path.join(root, "bootstrap"), 0o755),
     name + "/extension.py": (os.path.join(root, "extension.py"), 0o644),
+    name + "/wrapper": (os.path.join(root, "wrapper"), 0o755),
 }
 for pyc in os.listdir(pyc_dir):
     entries[name + "/__pycache__/" + pyc] = (os.path.join(pyc_dir, pyc), 0o644)
@@ -145,6 +149,7 @@ with open(zip_path, "rb") as f:
 sys.stderr.write("build_layer: %d bytes, sha256 %s\n" % (os.path.getsize(zip_path), digest))
 EOF
     say "built $zip_path"
+    say "runtime wrapper: set AWS_LAMBDA_EXEC_WRAPPER=/opt/$name/wrapper to resolve {{ssm:...}} and {{secret:...}} in environment variables"
     printf '%s\n' "$zip_path"
 }
 

@@ -80,9 +80,14 @@ Layout (each section needs only the ones above it)
                     what a request means and its answer
     HTTP server     the transport: sockets, request heads, keep-alive, admission
     Lambda lifecycle  the Extensions API
+    Values in environment variables  the layer's wrapper: {{ssm:...}} / {{secret:...}}
+                    in the runtime's environment, resolved through the running extension
     main
 
 Usage: python3 extension.py [NAME]    (NAME: the extension's name, for logs and /register)
+       python3 extension.py --exec-with-values COMMAND...   (the layer's wrapper: resolve the
+           references in the environment through the running extension, then exec COMMAND;
+           docs/env-values.md)
 """
 
 import errno
@@ -3081,6 +3086,369 @@ class ExtensionsApi:
 
 
 # ---------------------------------------------------------------------------
+# Values in environment variables: the layer's wrapper (AWS_LAMBDA_EXEC_WRAPPER)
+# ---------------------------------------------------------------------------
+#
+# With AWS_LAMBDA_EXEC_WRAPPER=/opt/<name>/wrapper, Lambda starts the runtime as
+# `wrapper <runtime command...>`, after every extension registered (so this extension
+# is listening). The wrapper runs this file with --exec-with-values: every reference
+# {{ssm:<name>[?query]}} or {{secret:<id>[?query]}} in an environment variable is
+# fetched through the running extension over HTTP, like any other request (cached,
+# counted, signed), replaced by its value, and the runtime command is exec'd with that
+# environment. Any failure stops the start with one line naming the variable, the
+# reference and the error type, never a value (docs/env-values.md).
+
+# What starts a reference. (str.find, not regular expressions, here: this section is
+# imported at every cold start of the extension too, and each pattern compiled at import
+# costs it ~0.1 ms.)
+REFERENCE_KINDS = ("ssm", "secret")
+# The query keys a reference may carry: the HTTP API's, less refreshNow (a value read
+# once has nothing to refresh), plus jsonKey.
+REFERENCE_KEYS = {"ssm": ("withDecryption", "version", "label", "jsonKey"),
+                  "secret": ("versionId", "versionStage", "jsonKey")}
+# What the wrapper may not find in a name or id, besides white space and control
+# characters: it would be a typo in the reference rather than a name (AWS names hold none).
+REFERENCE_NAME_REFUSED = "{}"
+# How long the wrapper tries to connect while the extension is not listening yet. In
+# Lambda it always is (it listens before /register, and Lambda starts the runtime only
+# after every extension registered); outside Lambda it may still be starting.
+EXTENSION_WAIT_SECONDS = 5.0
+CONNECT_RETRY_SECONDS = 0.02
+# One connection attempt to the extension on loopback: accepted or refused at once.
+CONNECT_SECONDS = 1.0
+# How long one answer may take beyond the extension's own budget for it.
+ANSWER_MARGIN_SECONDS = 2.0
+# At most this many references are fetched at once (one connection each).
+REFERENCE_WORKERS = 4
+
+
+class UnresolvedReference(Exception):
+    """A reference that cannot become a value: error_type names why (AWS's __type, or one
+    of ours); message never holds a value or a token."""
+
+    def __init__(self, error_type, message=""):
+        super().__init__(f"{error_type}: {message}" if message else error_type)
+        self.error_type = error_type
+        self.message = message
+        self.variable = self.reference = None  # set where they are known
+
+
+class Reference:
+    """One reference as written (text): kind "ssm" or "secret", the name or id, the
+    query pairs (jsonKey excluded), the jsonKey or None. fetch_key: what is asked of the
+    extension once, however many references ask for it (the AWS call is made once per
+    name whatever the jsonKeys: the extension's cache holds the whole value).
+    (Not a named tuple: creating one at import costs the extension's cold start ~0.15 ms.)"""
+
+    __slots__ = ("kind", "ident", "query", "json_key", "text")
+
+    def __init__(self, kind, ident, query, json_key, text):
+        self.kind, self.ident, self.query, self.json_key, self.text = kind, ident, query, json_key, text
+
+    def __repr__(self):
+        return f"Reference({self.text!r})"
+
+    @property
+    def fetch_key(self):
+        return self.kind, self.ident, self.query, self.json_key
+
+
+def parse_reference(kind, body, text):
+    """The Reference for the body of {{kind:body}} (text: all of it, for messages).
+    Raises UnresolvedReference for an empty or odd name and for what the HTTP API refuses
+    in a query (unknown or repeated keys, bad values), before anything is fetched."""
+    ident, question, query = body.partition("?")
+    if not ident:
+        raise UnresolvedReference("MalformedReference", "the name is empty")
+    if any(c.isspace() or c in REFERENCE_NAME_REFUSED or not c.isprintable() for c in ident):
+        raise UnresolvedReference("MalformedReference", "the name holds white space, a brace or a control character")
+    try:
+        pairs = parse_query(query) if question else []
+        values = _single_values(pairs, REFERENCE_KEYS[kind])
+        sent = [(key, value) for key, value in pairs if key != "jsonKey"]
+        # The HTTP API's own checks (name length, version digits, label length...).
+        if kind == "ssm":
+            parameter_lookup([("name", ident)] + sent)
+        else:
+            secret_lookup([("secretId", ident)] + sent)
+    except ClientError as error:
+        raise UnresolvedReference(error.error_type, error.message) from None
+    json_key = values.get("jsonKey")
+    if json_key == "":
+        raise UnresolvedReference("InvalidQueryValue", "jsonKey is empty")
+    return Reference(kind, ident, tuple(sent), json_key, text)
+
+
+def find_references(value):
+    """[(start, end, Reference)] for the references in one variable's value, in order.
+    Raises UnresolvedReference (with .reference, the text at fault) for a malformed one."""
+    found = []
+    position = 0
+    while True:
+        start = value.find("{{", position)
+        if start < 0:
+            return found
+        kind = next((kind for kind in REFERENCE_KINDS if value.startswith(kind + ":", start + 2)), None)
+        if kind is None:
+            position = start + 1  # "{{{ssm:" holds a reference one character on
+            continue
+        body = start + 3 + len(kind)
+        end = value.find("}}", body)
+        if end < 0:
+            error = UnresolvedReference("MalformedReference", "no closing }}")
+            error.reference = value[start:start + 64]
+            raise error
+        text = value[start:end + 2]
+        try:
+            found.append((start, end + 2, parse_reference(kind, value[body:end], text)))
+        except UnresolvedReference as error:
+            error.reference = text
+            raise
+        position = end + 2
+
+
+def substitute(value, found, values):
+    """value with each reference found (find_references) replaced by values[reference]."""
+    parts = []
+    position = 0
+    for start, end, reference in found:
+        parts.append(value[position:start])
+        parts.append(values[reference])
+        position = end
+    parts.append(value[position:])
+    return "".join(parts)
+
+
+def reference_target(reference):
+    """The HTTP API request for a reference; the extension applies jsonKey itself."""
+    first = "name" if reference.kind == "ssm" else "secretId"
+    route = "/systemsmanager/parameters/get" if reference.kind == "ssm" else "/secretsmanager/get"
+    pairs = ((first, reference.ident),) + reference.query
+    if reference.json_key is not None:
+        pairs += (("jsonKey", reference.json_key),)
+    return route + "?" + "&".join(f"{quote(key, safe='')}={quote(value, safe='')}" for key, value in pairs)
+
+
+def value_from_answer(reference, data):
+    """The text of a successful answer: with jsonKey, its Value (a string as it is,
+    anything else as JSON text); else Parameter.Value or SecretString. A binary secret is
+    refused: an environment variable holds text."""
+    try:
+        answer = json.loads(data)
+        if reference.json_key is not None:
+            value = answer["Value"]
+            if not isinstance(value, str):
+                value = json.dumps(value)
+        elif reference.kind == "ssm":
+            value = answer["Parameter"]["Value"]
+        else:
+            value = answer.get("SecretString")
+            if value is None and answer.get("SecretBinary") is not None:
+                raise UnresolvedReference("BinarySecret", "the secret is binary (SecretBinary); "
+                                                          "an environment variable holds text only")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        value = None
+    if not isinstance(value, str):
+        raise UnresolvedReference("UpstreamInvalidResponse", "the extension's answer has no value")
+    return value
+
+
+def answer_wait(config, kind):
+    """How long the extension may take to answer a reference: its own budget for the
+    service (or, without one, its longest wait for an AWS call) and a margin."""
+    budget_ms = config.ssm_timeout_ms if kind == "ssm" else config.secrets_timeout_ms
+    return (budget_ms / 1000.0 if budget_ms else WAIT_WITHOUT_BUDGET) + ANSWER_MARGIN_SECONDS
+
+
+class LocalClient:
+    """One keep-alive connection to the running extension on 127.0.0.1:port. clock and
+    sleep pace the wait for an extension still starting (injectable for tests); every
+    connection and answer is also bounded on the real monotonic clock."""
+
+    def __init__(self, config, clock=time.monotonic, sleep=None):
+        self.config = config
+        self.clock = clock
+        # select, not time.sleep: under libfaketime (tests/fake_lambda.py) time.sleep fails.
+        self.sleep = sleep or (lambda seconds: select.select([], [], [], seconds))
+        self.parts = urlsplit(f"http://127.0.0.1:{config.port}")
+        self.connection = None
+
+    def _connect(self):
+        """Connect, retrying a refused connection until EXTENSION_WAIT_SECONDS have passed."""
+        deadline = self.clock() + EXTENSION_WAIT_SECONDS
+        while True:
+            try:
+                return open_connection(self.parts, time.monotonic() + CONNECT_SECONDS)
+            except ConnectionRefusedError:
+                if self.clock() + CONNECT_RETRY_SECONDS >= deadline:
+                    raise UnresolvedReference("ExtensionUnreachable",
+                                              f"nothing listens on 127.0.0.1:{self.config.port} "
+                                              "(PARAMETERS_SECRETS_EXTENSION_HTTP_PORT); is the layer's "
+                                              "extension running?") from None
+                self.sleep(CONNECT_RETRY_SECONDS)
+            except (OSError, http.client.HTTPException) as error:
+                raise UnresolvedReference("ExtensionUnreachable",
+                                          f"127.0.0.1:{self.config.port}: {type(error).__name__}") from None
+
+    def value(self, reference):
+        """The value of a reference, through the extension."""
+        headers = [("Host", self.parts.netloc), (TOKEN_HEADER, self.config.request_token)]
+        deadline = time.monotonic() + answer_wait(self.config, reference.kind)
+        for attempt in (1, 2):
+            fresh = self.connection is None or has_leftover(self.connection)
+            if fresh:
+                self.close()
+                self.connection = self._connect()
+            try:
+                status, data, reusable = exchange(self.connection, "GET", reference_target(reference), headers,
+                                                  None, deadline)
+                break
+            except socket.timeout:
+                self.close()
+                raise UnresolvedReference("ExtensionTimeout", "the extension did not answer in time") from None
+            except UpstreamInvalidResponse as error:
+                self.close()
+                raise UnresolvedReference("UpstreamInvalidResponse", str(error)) from None
+            except (OSError, http.client.HTTPException) as error:
+                self.close()
+                # A kept connection the extension closed meanwhile: once more on a new one.
+                if fresh or attempt == 2:
+                    raise UnresolvedReference("ExtensionUnreachable", type(error).__name__) from None
+        if not reusable:
+            self.close()
+        if status != 200:
+            raise aws_error(status, data)
+        return value_from_answer(reference, data)
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+def fetch_references(references, config, workers=REFERENCE_WORKERS):
+    """{fetch_key: value or UnresolvedReference} for the distinct fetch keys of references,
+    fetched at most `workers` at a time, each worker on its own connection."""
+    pending = list(dict.fromkeys(reference.fetch_key for reference in references))
+    by_key = {reference.fetch_key: reference for reference in references}
+    results = {}
+    lock = threading.Lock()
+
+    def work():
+        client = LocalClient(config)
+        try:
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    key = pending.pop(0)
+                try:
+                    result = client.value(by_key[key])
+                except UnresolvedReference as error:
+                    result = error
+                except AwsError as error:
+                    result = UnresolvedReference(error.error_type, error.message)
+                except Exception as error:  # a bug: named, never a value
+                    result = UnresolvedReference("InternalError", type(error).__name__)
+                with lock:
+                    results[key] = result
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(pending)) - 1)]
+    for thread in threads:
+        thread.start()
+    work()  # the main thread is a worker too: one reference needs no thread at all
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def resolve_environment(environ, fetch):
+    """{variable: new value} for the variables of environ (a str mapping) that hold
+    references; fetch(references) -> {fetch_key: value or UnresolvedReference}. Raises
+    UnresolvedReference with .variable and .reference set, for the first failure in the
+    order of the variables."""
+    found = {}
+    for name in sorted(environ):
+        value = environ[name]
+        if "{{" not in value:
+            continue  # the common case, without a regular expression
+        try:
+            references = find_references(value)
+        except UnresolvedReference as error:
+            error.variable = name
+            raise
+        if references:
+            found[name] = references
+    if not found:
+        return {}
+    every = [reference for references in found.values() for _, _, reference in references]
+    fetched = fetch(every)
+    changed = {}
+    for name, references in found.items():
+        values = {}
+        for _, _, reference in references:
+            try:
+                result = fetched[reference.fetch_key]
+                if isinstance(result, UnresolvedReference):
+                    raise result
+                value = result
+                if "\x00" in value:
+                    raise UnresolvedReference("ValueNotText", "the value holds a NUL character, "
+                                                              "which an environment variable cannot hold")
+                try:
+                    # As os.environ would hold the value's UTF-8 bytes, so that one
+                    # os.fsencode gives back the text around it and the value exactly.
+                    value = os.fsdecode(value.encode("utf-8"))
+                except UnicodeEncodeError:
+                    raise UnresolvedReference("ValueNotText", "the value is not valid Unicode text") from None
+            except UnresolvedReference as error:
+                failure = UnresolvedReference(error.error_type, error.message)
+                failure.variable, failure.reference = name, reference.text
+                raise failure from None
+            values[reference] = value
+        changed[name] = substitute(environ[name], references, values)
+    return changed
+
+
+def exec_with_values(command, environ, execvpe=os.execvpe):
+    """The wrapper's mode: resolve the references in environ, then exec command with the
+    resulting environment (a variable without references goes on byte for byte). Returns
+    an exit status only when the command could not be started."""
+    config, _ = load_config(environ)
+    level = "debug" if config.log_level == "debug" else "error"  # a failure is always said
+    log = Logger(DEFAULT_NAME, level, config.log_format)
+    if not command:
+        log.error("--exec-with-values needs the command to run (Lambda gives it to the wrapper)")
+        return 2
+
+    def fetch(references):
+        if not config.request_token:
+            error = UnresolvedReference("NoToken", "no request token: AWS_SESSION_TOKEN is not set (Lambda sets it)")
+            return {reference.fetch_key: error for reference in references}
+        return fetch_references(references, config)
+
+    try:
+        changed = resolve_environment(environ, fetch)
+    except UnresolvedReference as error:
+        message = f": {shown(error.message, 300)}" if error.message else ""
+        log.error(f"environment variable {shown(error.variable, 100)}: {shown(error.reference, 200)}: "
+                  f"{error.error_type}{message}; the runtime is not started")
+        return 1
+    log.debug(f"{len(changed)} environment variable(s) resolved; starting {shown(command[0])}")
+    # Encoded as os.environ decoded them (the file system encoding with surrogateescape),
+    # so every variable not changed reaches the runtime with its exact bytes.
+    env = {os.fsencode(name): os.fsencode(changed.get(name, value)) for name, value in environ.items()}
+    try:
+        execvpe(command[0], command, env)
+    except OSError as error:
+        log.error(f"cannot start {shown(command[0])}: {error.strerror or type(error).__name__}")
+        return 127
+    return 0  # only an injected execvpe returns
+
+
+# ---------------------------------------------------------------------------
 # main()
 # ---------------------------------------------------------------------------
 
@@ -3193,6 +3561,8 @@ variables only: see the top of extension.py or docs/configuration.md.
 def main(argv, early=None):
     """Run the extension; early: the EarlyStart made before the imports (made here when
     main is called some other way). Returns the exit status."""
+    if len(argv) > 1 and argv[1] == "--exec-with-values":
+        return exec_with_values(argv[2:], os.environ)
     if len(argv) > 1 and argv[1].startswith("-"):
         known = argv[1] in ("-h", "--help")
         (sys.stdout if known else sys.stderr).write(USAGE)

@@ -31,6 +31,13 @@ in the project's docs/pitfalls.md, "Lambda's real life"):
   stragglers are SIGKILLed at the deadline and recorded;
 * any extension exit outside SHUTDOWN is recorded as ``Extension.Crash`` (even exit 0),
   and an invocation during which that happens fails with ``Extension.Crash``;
+* runtime wrapper: when the function's environment sets ``AWS_LAMBDA_EXEC_WRAPPER``
+  (not empty), the runtime is started as ``$AWS_LAMBDA_EXEC_WRAPPER <runtime command...>``
+  (here ``<wrapper> <python> <workdir>/runtime.py``), executed directly like any
+  program, as Lambda does with the path it is given (developer guide, "Modifying the
+  runtime environment", wrapper scripts); its stderr goes to the runtime's log;
+* an environment value given as ``bytes`` is passed as those bytes (e.g. not UTF-8);
+  a ``str`` as its UTF-8 (``surrogateescape``) encoding, ``None`` removes the variable;
 * the environment carries ``AWS_LAMBDA_INITIALIZATION_TYPE``: ``on-demand`` by default,
   ``init_type="snap-start"`` for the INIT of a SnapStart version (after which Lambda
   snapshots the memory of every process and restores it, possibly days later, in a
@@ -491,7 +498,7 @@ class LambdaEnvironment:
             if value is None:
                 env.pop(key, None)
             else:
-                env[key] = str(value)
+                env[key] = value if isinstance(value, bytes) else str(value)
         return env
 
     def _log(self, what):
@@ -816,8 +823,11 @@ class LambdaEnvironment:
                 # The runtime's time.sleep must work under libfaketime (see SLEEP_SHIM).
                 path = self.function_env().get("PYTHONPATH")
                 extra = {"PYTHONPATH": self.shim_dir + (os.pathsep + path if path else "")}
-            self.runtime_proc, _ = self._spawn([self.python, runtime_path], "runtime",
-                                               self.task_dir, extra)
+            command = [self.python, runtime_path]
+            wrapper = self.function_env().get("AWS_LAMBDA_EXEC_WRAPPER")
+            if wrapper:  # Lambda runs the wrapper with the runtime's command line
+                command = [os.fsdecode(wrapper)] + command
+            self.runtime_proc, _ = self._spawn(command, "runtime", self.task_dir, extra)
             self._thread(self._watch_runtime)
 
             def all_ready():

@@ -22,6 +22,7 @@ from conftest import ROOT
 
 NAME = "parameters-secrets-extension"
 BOOTSTRAP = ROOT / "bootstrap"
+WRAPPER = ROOT / "wrapper"
 BUILD = ROOT / "build_layer.sh"
 DASH = shutil.which("dash")
 
@@ -59,25 +60,28 @@ def sources_and_bytecode(names):
     return ([n for n in names if "/__pycache__/" not in n], [n for n in names if "/__pycache__/" in n])
 
 
-def test_zip_holds_exactly_the_launcher_the_extension_and_its_bytecode(layer):
+def test_zip_holds_exactly_the_launcher_the_extension_the_wrapper_and_the_bytecode(layer):
     with zipfile.ZipFile(layer) as zf:
         infos = zf.infolist()
         names = [i.filename for i in infos]
         assert names == sorted(names)
         sources, bytecode = sources_and_bytecode(names)
-        assert sources == [f"extensions/{NAME}", f"{NAME}/extension.py"]
+        assert sources == [f"extensions/{NAME}", f"{NAME}/extension.py", f"{NAME}/wrapper"]
         # The building Python's bytecode at least; one file per Python 3.9+ found.
         assert PYC in bytecode
         assert all(re.fullmatch(rf"{NAME}/__pycache__/extension\.cpython-3\d+\.pyc", n) for n in bytecode)
-        launcher, ext = zf.getinfo(sources[0]), zf.getinfo(sources[1])
+        launcher, ext, wrapper = (zf.getinfo(source) for source in sources)
         assert zf.read(launcher) == BOOTSTRAP.read_bytes()
         assert zf.read(ext) == (ROOT / "extension.py").read_bytes()
+        assert zf.read(wrapper) == WRAPPER.read_bytes()
         assert zf.testzip() is None
-    # Unix modes: a regular file, 0755 for what Lambda executes, 0644 for the rest.
-    assert launcher.create_system == 3
-    assert launcher.external_attr >> 16 == 0o100755
+    # Unix modes: a regular file, 0755 for what Lambda executes (the launcher, and the
+    # wrapper that AWS_LAMBDA_EXEC_WRAPPER names), 0644 for the rest.
+    for executable in (launcher, wrapper):
+        assert executable.create_system == 3
+        assert executable.external_attr >> 16 == 0o100755
     for info in infos:
-        if info is not launcher:
+        if info not in (launcher, wrapper):
             assert info.external_attr >> 16 == 0o100644
         assert info.date_time == (1980, 1, 1, 0, 0, 0)
         assert info.extra == b""
@@ -132,7 +136,7 @@ def test_two_builds_are_byte_identical(tmp_path):
     # A copy of the sources with other file times and modes builds the same bytes.
     copy = tmp_path / "copy"
     copy.mkdir()
-    for f in (BOOTSTRAP, BUILD, ROOT / "extension.py"):
+    for f in (BOOTSTRAP, BUILD, WRAPPER, ROOT / "extension.py"):
         shutil.copyfile(f, copy / f.name)
         os.utime(copy / f.name, (1_600_000_000, 1_600_000_000))
     (copy / "bootstrap").chmod(0o700)
@@ -168,7 +172,7 @@ def test_name_by_argument_and_by_environment(tmp_path):
         assert zip_path.name == "my-ext-layer.zip"
         with zipfile.ZipFile(zip_path) as zf:
             sources, bytecode = sources_and_bytecode(zf.namelist())
-            assert sources == ["extensions/my-ext", "my-ext/extension.py"]
+            assert sources == ["extensions/my-ext", "my-ext/extension.py", "my-ext/wrapper"]
             assert f"my-ext/__pycache__/extension.{sys.implementation.cache_tag}.pyc" in bytecode
 
 
@@ -197,7 +201,7 @@ def _shellcheck():
     return str(beside) if beside.exists() else None
 
 
-@pytest.mark.parametrize("script", [BOOTSTRAP, BUILD], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [BOOTSTRAP, BUILD, WRAPPER], ids=lambda p: p.name)
 def test_shellcheck_clean(script):
     sc = _shellcheck()
     if sc is None:
@@ -207,7 +211,7 @@ def test_shellcheck_clean(script):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("script", [BOOTSTRAP, BUILD], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [BOOTSTRAP, BUILD, WRAPPER], ids=lambda p: p.name)
 def test_dash_parses_and_shebang_is_posix(script):
     text = script.read_text()
     assert text.startswith("#!/bin/sh\n")
