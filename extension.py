@@ -243,13 +243,10 @@ import calendar  # cheap, and parse_iso8601 needs timegm
 import hashlib
 import hmac
 import http  # HTTPStatus only: the package itself is small (http.server is not imported)
-import http.client
-import io
 import json
 import re
 import select
 import selectors
-import ssl  # free: http.client imports it anyway
 import threading
 import time
 from collections import OrderedDict, namedtuple
@@ -836,80 +833,109 @@ def sign_request(method, url, headers, body, credentials, region, service, now):
 MAX_ANSWER_BYTES = 1024 * 1024
 
 
-class _DeadlineIO(io.RawIOBase):
-    """Raw reads of an answer that all end by one deadline (monotonic seconds).
+MAX_ANSWER_HEAD = 64 * 1024  # status line and headers of one answer
+MAX_CHUNK_LINE = 1024
 
-    http.client applies its timeout per socket operation, so a peer sending 10 bytes a
-    second never trips it (docs/pitfalls.md); here every read gets only what is left."""
 
-    def __init__(self, sock, deadline):
-        super().__init__()
-        self._sock = sock
-        # Through makefile, which counts a reference: http.client closes its side of a
-        # connection that will close as soon as the headers are read, and the socket must
-        # stay open until the body is.
-        self._raw = sock.makefile("rb", buffering=0)
-        self.deadline = deadline
+class HttpProtocolError(Exception):
+    """An answer that is not HTTP/1.1 as it should be: a bad status line or header, a
+    body cut short. The connection it came on is unusable."""
 
-    def readable(self):
-        return True
 
-    def readinto(self, buffer):
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("the answer did not arrive in time")
-        self._sock.settimeout(remaining)
-        return self._raw.readinto(buffer)
+class HttpConnection:
+    """One outbound HTTP/1.1 connection, plain or TLS, whose every read and write ends by
+    the deadline (monotonic seconds) of the exchange in progress, or waits as long as it
+    takes when that deadline is None (only Lambda's /event/next does).
+
+    Not http.client: its timeout applies to each socket operation, so a peer sending 10
+    bytes a second never trips it (docs/pitfalls.md), and it brings the email package,
+    about 10 ms and 1.5 MiB of every cold start (docs/design.md, "Cold start"). What is
+    needed here, one request and one answer of known framing at a time, is short."""
+
+    def __init__(self, scheme, host, port, deadline):
+        self.host = host
+        self.buffer = b""  # answer bytes received and not yet taken
+        sock = socket.create_connection((host, port), _remaining(deadline))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests: no Nagle delay
+            if scheme == "https":
+                sock.settimeout(_remaining(deadline))
+                sock = _tls_context().wrap_socket(sock, server_hostname=host)  # certificates, host name
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+    def send(self, data, deadline):
+        self.sock.settimeout(_remaining(deadline))
+        self.sock.sendall(data)
+
+    def _fill(self, deadline):
+        self.sock.settimeout(_remaining(deadline))
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise HttpProtocolError("the connection ended in the middle of an answer")
+        self.buffer += chunk
+
+    def read_line(self, limit, deadline):
+        """One line, its CRLF stripped; HttpProtocolError past limit bytes."""
+        while True:
+            end = self.buffer.find(b"\n", 0, limit + 1)
+            if end >= 0:
+                line, self.buffer = self.buffer[:end], self.buffer[end + 1:]
+                return line.rstrip(b"\r")
+            if len(self.buffer) > limit:
+                raise HttpProtocolError("a line of the answer is too long")
+            self._fill(deadline)
+
+    def read_exactly(self, size, deadline):
+        while len(self.buffer) < size:
+            self._fill(deadline)
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def read_to_end(self, cap, deadline):
+        """Everything until the peer closes, but no more than cap + 1 bytes."""
+        try:
+            while len(self.buffer) <= cap:
+                self._fill(deadline)
+        except HttpProtocolError:
+            pass  # the end of the stream is the end of this answer
+        data, self.buffer = self.buffer, b""
+        return data
 
     def close(self):
-        if not self.closed:
-            self._raw.close()
-        super().close()
+        self.sock.close()
 
 
-class _DeadlineSocket:
-    """What http.client.HTTPResponse needs of a socket (makefile), reading by a deadline."""
-
-    def __init__(self, sock, deadline):
-        self.sock = sock
-        self.deadline = deadline
-
-    def makefile(self, mode):
-        return io.BufferedReader(_DeadlineIO(self.sock, self.deadline))
-
-
-class _DeadlineMixin:
-    """Makes an http.client connection read each answer by self.deadline."""
-
-    deadline = None
-
-    def response_class(self, sock, method=None):  # called by getresponse() as the class is
-        return http.client.HTTPResponse(_DeadlineSocket(sock, self.deadline), method=method)
+def _remaining(deadline):
+    """Seconds left until deadline (None: no limit); socket.timeout when none are."""
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("the deadline has passed")
+    return remaining
 
 
-class _Connection(_DeadlineMixin, http.client.HTTPConnection):
-    pass
+_TLS_CONTEXTS = []
 
 
-class _TLSConnection(_DeadlineMixin, http.client.HTTPSConnection):
-    pass
+def _tls_context():
+    """One verifying TLS context, made at the first https connection: ssl is imported
+    then, not at start (an endpoint on loopback, and Lambda's own API, never need it),
+    and the system's certificates are loaded once."""
+    if not _TLS_CONTEXTS:
+        import ssl
+
+        _TLS_CONTEXTS.append(ssl.create_default_context())  # a race makes two: harmless
+    return _TLS_CONTEXTS[0]
 
 
 def open_connection(parts, deadline):
-    """A connected http(s) connection to urlsplit parts, within the deadline. TLS
-    certificates and host names are verified (ssl.create_default_context)."""
-    timeout = deadline - time.monotonic()
-    if timeout <= 0:
-        raise socket.timeout("no time left to connect")
-    if parts.scheme == "https":
-        connection = _TLSConnection(parts.hostname, parts.port, timeout=timeout,
-                                    context=ssl.create_default_context())
-    else:
-        connection = _Connection(parts.hostname, parts.port, timeout=timeout)
-    connection.connect()
-    if connection.sock is not None:  # small requests and answers: no Nagle delay
-        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return connection
+    """A connected HttpConnection to urlsplit parts, within the deadline."""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return HttpConnection(parts.scheme, parts.hostname, port, deadline)
 
 
 def exchange(connection, method, target, headers, body, deadline, cap=MAX_ANSWER_BYTES):
@@ -918,42 +944,80 @@ def exchange(connection, method, target, headers, body, deadline, cap=MAX_ANSWER
     Returns (status, data, reusable). reusable is true only after one complete final
     answer that does not ask to close: an interim 1xx, a cut body or an answer over cap
     leave the connection unusable, because the next request would read what is left of
-    this one (docs/pitfalls.md). Raises socket.timeout, OSError, http.client.HTTPException,
-    or UpstreamInvalidResponse for an answer over cap (not read past cap + 1 bytes)."""
-    connection.deadline = deadline
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise socket.timeout("no time left to send")
-    connection.sock.settimeout(remaining)
-    connection.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-    for name, value in headers:
-        connection.putheader(name, value)
+    this one (docs/pitfalls.md). Raises socket.timeout, OSError, HttpProtocolError, or
+    UpstreamInvalidResponse for an answer over cap (not read past cap + 1 bytes)."""
+    lines = [f"{method} {target} HTTP/1.1"] + [f"{name}: {value}" for name, value in headers]
     if body is not None:
-        connection.putheader("Content-Length", str(len(body)))
-    connection.endheaders(body)
-    response = connection.getresponse()
-    try:
-        if response.length is not None and response.length > cap:
-            raise UpstreamInvalidResponse(f"an answer of {response.length} bytes (at most {cap} are read)")
-        data = response.read(cap + 1)
-        if len(data) > cap:
+        lines.append(f"Content-Length: {len(body)}")
+    connection.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""), deadline)
+    status_line = connection.read_line(MAX_ANSWER_HEAD, deadline).decode("latin-1")
+    version, _, rest = status_line.partition(" ")
+    code = rest[:3]
+    if not version.startswith("HTTP/1.") or not (code.isdecimal() and code.isascii()):
+        raise HttpProtocolError("the answer does not begin with an HTTP/1.x status line")
+    status = int(code)
+    answer_headers = {}
+    size = len(status_line)
+    while True:
+        line = connection.read_line(MAX_ANSWER_HEAD, deadline)
+        size += len(line) + 2
+        if size > MAX_ANSWER_HEAD:
+            raise HttpProtocolError("the answer's headers are too large")
+        if not line:
+            break
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon:
+            raise HttpProtocolError("a header line of the answer has no colon")
+        answer_headers[name.strip().lower()] = value.strip()
+    keep = version == "HTTP/1.1" and "close" not in answer_headers.get("connection", "").lower()
+    if status < 200 or status in (204, 304) or method == "HEAD":
+        # No body. An interim 1xx: its final answer follows, which no request is waiting
+        # for; the connection is not reused.
+        return status, b"", keep and status >= 200
+    if "chunked" in answer_headers.get("transfer-encoding", "").lower():
+        return status, _read_chunked(connection, cap, deadline), keep
+    length = answer_headers.get("content-length")
+    if length is not None:
+        if not (length.isdecimal() and length.isascii()):
+            raise HttpProtocolError("the answer's Content-Length is not a number")
+        if int(length) > cap:
+            raise UpstreamInvalidResponse(f"an answer of {length} bytes (at most {cap} are read)")
+        return status, connection.read_exactly(int(length), deadline), keep
+    data = connection.read_to_end(cap, deadline)  # framed by the end of the connection
+    if len(data) > cap:
+        raise UpstreamInvalidResponse(f"an answer over {cap} bytes")
+    return status, data, False
+
+
+def _read_chunked(connection, cap, deadline):
+    """The body of a chunked answer, trailers skipped; at most cap bytes."""
+    parts = []
+    size = 0
+    while True:
+        line = connection.read_line(MAX_CHUNK_LINE, deadline).split(b";", 1)[0].strip()
+        try:
+            chunk = int(line, 16)
+        except ValueError:
+            raise HttpProtocolError("a chunk size of the answer is not a number") from None
+        if chunk < 0:
+            raise HttpProtocolError("a chunk size of the answer is negative")
+        if chunk == 0:
+            while connection.read_line(MAX_ANSWER_HEAD, deadline):
+                pass  # trailers
+            return b"".join(parts)
+        size += chunk
+        if size > cap:
             raise UpstreamInvalidResponse(f"an answer over {cap} bytes")
-    except BaseException:
-        # An answer that will close holds the socket itself (http.client hands it over),
-        # so closing the connection alone would leave it open until garbage collection.
-        response.close()
-        raise
-    reusable = response.status >= 200 and response.isclosed() and not response.will_close
-    return response.status, data, reusable
+        parts.append(connection.read_exactly(chunk, deadline))
+        if connection.read_line(2, deadline):
+            raise HttpProtocolError("a chunk of the answer does not end where its size says")
 
 
 def has_leftover(connection):
     """True when an idle connection has bytes (or an EOF) waiting: it is not in step with
     its peer any more, or the peer closed it. No wait: a zero-timeout select."""
     sock = connection.sock
-    if sock is None:
-        return True
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+    if connection.buffer or sock.fileno() < 0 or getattr(sock, "pending", lambda: 0)():
         return True
     try:
         readable, _, _ = select.select([sock], [], [], 0)
@@ -1115,7 +1179,7 @@ class CredentialProvider:
         except UpstreamInvalidResponse:
             raise CredentialsError("container credentials endpoint answered more than "
                                    f"{MAX_CREDENTIALS_BYTES} bytes") from None
-        except (OSError, http.client.HTTPException) as error:
+        except (OSError, HttpProtocolError) as error:
             raise CredentialsError(f"container credentials endpoint unreachable: {type(error).__name__}") from error
         finally:
             if connection is not None:
@@ -1286,7 +1350,7 @@ class ServiceClient:
                 connection = None
         except socket.timeout:
             raise UpstreamTimeout(f"{self.aws_service} did not answer in time") from None
-        except (OSError, http.client.HTTPException) as error:
+        except (OSError, HttpProtocolError) as error:
             reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or ""
             detail = f"{self.aws_service} unreachable: {type(error).__name__} {reason}".rstrip()
             raise UpstreamUnreachable(detail) from error
@@ -3028,8 +3092,12 @@ def _lambda_error_type(data):
     return found if isinstance(found, str) else "unknown"
 
 
+# Lambda's API is on this host: a connection is made at once or not at all.
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+
 class ExtensionsApi:
-    """The calls an external extension makes, over the standard library's HTTP client:
+    """The calls an external extension makes, over the HTTP client above (HttpConnection):
     Lambda's minimal images do not promise curl, and a process per event would compete
     for the function's small CPU share."""
 
@@ -3040,19 +3108,23 @@ class ExtensionsApi:
         self.identifier = None
 
     def _call(self, method, path, headers, body=None, timeout=None):
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        """The answer's body; timeout None waits as long as Lambda takes (/event/next)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        connection = None
         try:
-            connection.request(method, "/2020-01-01/extension" + path, body=body, headers=headers)
-            response = connection.getresponse()
-            data = response.read(MAX_ANSWER_BYTES)  # Lambda's answers are small; a cap all the same
-        except (OSError, http.client.HTTPException) as error:
+            connection = HttpConnection("http", self.host, self.port, time.monotonic() + CONNECT_TIMEOUT_SECONDS)
+            status, data, _ = exchange(connection, method, "/2020-01-01/extension" + path,
+                                       [("Host", self.address)] + list(headers.items()),
+                                       None if body is None else body.encode("utf-8"), deadline)
+        except (OSError, HttpProtocolError, UpstreamInvalidResponse) as error:
             raise ExtensionsApiError(f"{method} {path}: Extensions API at {self.address} unreachable "
                                      f"({type(error).__name__})") from error
         finally:
-            connection.close()
-        if response.status >= 300:
-            raise ExtensionsApiError(f"{method} {path}: {response.status} {_lambda_error_type(data)}")
-        return response, data
+            if connection is not None:
+                connection.close()
+        if status >= 300:
+            raise ExtensionsApiError(f"{method} {path}: {status} {_lambda_error_type(data)}")
+        return data
 
     def registered(self, early):
         """Take the early start's /register answer (made before the imports): Lambda's
@@ -3074,7 +3146,7 @@ class ExtensionsApi:
 
     def next_event(self):
         # No timeout: the call blocks until Lambda has an event, however long that is.
-        _, data = self._call("GET", "/event/next", {"Lambda-Extension-Identifier": self.identifier})
+        data = self._call("GET", "/event/next", {"Lambda-Extension-Identifier": self.identifier})
         return json.loads(data)
 
     def report_error(self, phase, error_type, message):
@@ -3286,7 +3358,7 @@ class LocalClient:
                                               "(PARAMETERS_SECRETS_EXTENSION_HTTP_PORT); is the layer's "
                                               "extension running?") from None
                 self.sleep(CONNECT_RETRY_SECONDS)
-            except (OSError, http.client.HTTPException) as error:
+            except (OSError, HttpProtocolError) as error:
                 raise UnresolvedReference("ExtensionUnreachable",
                                           f"127.0.0.1:{self.config.port}: {type(error).__name__}") from None
 
@@ -3309,7 +3381,7 @@ class LocalClient:
             except UpstreamInvalidResponse as error:
                 self.close()
                 raise UnresolvedReference("UpstreamInvalidResponse", str(error)) from None
-            except (OSError, http.client.HTTPException) as error:
+            except (OSError, HttpProtocolError) as error:
                 self.close()
                 # A kept connection the extension closed meanwhile: once more on a new one.
                 if fresh or attempt == 2:

@@ -60,7 +60,7 @@ FINAL_TYPE = {
     "500": "InternalServerError",
     "503": "ServiceUnavailable",
     "reset": "UpstreamUnreachable",
-    "midbody": "UpstreamInvalidResponse",  # the body ended before its Content-Length
+    "midbody": "UpstreamUnreachable",  # the connection closed before the body ended
     "hang": "UpstreamTimeout",
 }
 
