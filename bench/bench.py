@@ -46,6 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import coldstart  # bench/coldstart.py, beside this file
+
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR_SCRIPT = ROOT / "bench" / "floor_server.py"
 
@@ -81,6 +83,7 @@ class Settings:
         self.throughput_seconds = 0.5  # one window
         self.throughput_rounds = 8 if quick else 20  # windows per side, alternating
         self.cold_start_runs = 5 if quick else 7
+        self.lambda_cold_start_runs = 7 if quick else 15
         self.fill_count = 1000  # the target is about 1,000 values even with --quick
         self.concurrent_cold = 64
         self.ttl_requests = 1000
@@ -1017,6 +1020,11 @@ def build_rows(r):
     rows.append(row(f"AWS calls, {tt['requests']} requests within the TTL", str(tt["aws_calls"]), "-", "-", "1",
                     tt["aws_calls"] == 1, f"answers: {tt['answers']}"))
 
+    if "lambda_cold_start" in r:
+        # bench/coldstart.py's rows: (figure, value, reference, note, ratio, target, passed)
+        for figure, value, reference, note, ratio, target, passed in coldstart.report(r["lambda_cold_start"]):
+            rows.append(row(f"Lambda cold start: {figure}", value, reference, ratio, target, passed, note))
+
     sk = lat["secret_keep_alive"]
     rows.append(row("secret hit p50, keep-alive", f"{sk['p50_ms']:.3f} ms", "-", "-", "-", None,
                     f"p99 {sk['p99_ms']:.3f} ms"))
@@ -1122,6 +1130,10 @@ def run(args):
             results["cold_start"] = measure_cold_start(launcher, proxy_endpoint, settings)
             log("5: memory with 1,000 x 4 KB values cached")
             results["memory_filled"] = measure_filled_memory(launcher, moto_endpoint, settings)
+            if not args.stand_in_floor:
+                log("8: cold start under a minimal Extensions API, against a minimal Python extension")
+                results["lambda_cold_start"] = coldstart.measure(os.path.realpath(args.python), args.extension,
+                                                                 settings.lambda_cold_start_runs)
         finally:
             launcher.stop_all()
             proxy.shutdown()

@@ -430,3 +430,16 @@ def test_bootstrap_error_is_one_json_line_with_lambdas_json_log_format(tmp_path)
     assert record["level"] == "ERROR" and record["extension"] == NAME
     assert '/no/"such"\\python x' in record["message"]
     assert "not a runnable Python 3.9+" in record["message"]
+
+
+def test_the_build_says_which_pythons_got_bytecode(tmp_path):
+    # A runtime without its bytecode compiles extension.py at every cold start.
+    done = build(tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("build_layer: bytecode for Python ")]
+    assert len(lines) == 1, done.stderr
+    versions = lines[0][len("build_layer: bytecode for Python "):].split(";")[0].split(", ")
+    assert f"{sys.version_info[0]}.{sys.version_info[1]}" in versions
+    with zipfile.ZipFile(tmp_path / f"{NAME}-layer.zip") as zf:
+        shipped = sorted(name.split(".")[1] for name in zf.namelist() if name.endswith(".pyc"))
+    assert sorted(f"cpython-{v.replace('.', '')}" for v in versions) == shipped
