@@ -21,6 +21,7 @@ Constants
 Plain helpers (``from conftest import ...``)
     ``free_port()``                 a currently free TCP port on 127.0.0.1
     ``wait_for(predicate, ...)``    bounded polling loop (never a fixed long sleep)
+    ``FakeClock``, ``RecordingLog`` an injectable clock and a stand-in logger, for unit tests
     ``ssm_path(name, **query)``     ``/systemsmanager/parameters/get?name=<name quoted>&k=v``
     ``sm_path(secret_id, **query)`` ``/secretsmanager/get?secretId=<id quoted>&k=v``
     ``warn_lines(text)``            the WARN lines of a text-format extension log
@@ -43,6 +44,9 @@ Fixtures
     ``start_extension_raw``     same factory with ``wait=False`` (start-up is expected to
                                 fail: returns once the process has exited)
     ``start_extension_module``  the ``start_extension`` factory with module scope
+    ``layer_zip`` (module)      the layer zip, built once per module (``build_layer()``)
+    ``lambda_factory``          factory ``lambda_factory(env, task_files, layer=None,
+                                **kwargs) -> fake_lambda.LambdaEnvironment``
 """
 
 import http.client
@@ -99,6 +103,46 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class FakeClock:
+    """A clock to inject where the extension takes one (clock=, wall=): it says .now,
+    and advance(seconds) moves it, so that no unit test sleeps."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class RecordingLog:
+    """Stands in for extension.Logger in unit tests: every level enabled, each line kept
+    in .lines as (level, message)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def log(self, level, message):
+        self.lines.append((level, message))
+
+    def enabled(self, level):
+        return True
+
+    def debug(self, message):
+        self.log("debug", message)
+
+    def info(self, message):
+        self.log("info", message)
+
+    def warn(self, message):
+        self.log("warn", message)
+
+    def error(self, message):
+        self.log("error", message)
 
 
 def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
@@ -728,3 +772,45 @@ def start_extension_raw(start_extension):
                                wait=False, timeout=timeout)
 
     return start
+
+
+# ------------------------------------------------------------------ the layer in a fake Lambda
+
+
+def build_layer(out_dir, name=None):
+    """Run build_layer.sh into out_dir (NAME: another extension name); the zip's path."""
+    cmd = ["sh", str(ROOT / "build_layer.sh"), "-o", str(out_dir)]
+    if name:
+        cmd.append(name)
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("EXTENSION_NAME", None)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def layer_zip(tmp_path_factory):
+    """The layer as build_layer.sh makes it, built once per test module."""
+    return build_layer(tmp_path_factory.mktemp("layer"))
+
+
+@pytest.fixture
+def lambda_factory(tmp_path, layer_zip):
+    """Factory ``lambda_factory(env, task_files, layer=None, **kwargs)`` ->
+    fake_lambda.LambdaEnvironment running the layer (default: ``layer_zip``) with the
+    function's files task_files ({name: source}); each is closed at teardown and its
+    processes' output printed (pytest shows it for a failed test)."""
+    from fake_lambda import LambdaEnvironment
+
+    made = []
+
+    def make(env, task_files, layer=None, **kwargs):
+        lam = LambdaEnvironment(layer or layer_zip, tmp_path / f"lambda{len(made)}", env, task_files, **kwargs)
+        made.append(lam)
+        return lam
+
+    yield make
+    for lam in made:
+        lam.close()
+        print(lam.logs())

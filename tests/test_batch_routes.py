@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import extension
-from conftest import SM_GET, SSM_GET
+from conftest import SM_GET, SSM_GET, FakeClock, RecordingLog
 
 GET = "/systemsmanager/parameters/get"
 MULTIPLE = "/systemsmanager/parameters/get-multiple"
@@ -257,37 +257,6 @@ TOKEN = "token-0123456789-abcdefghij-0123456789"
 HEADERS = [("x-aws-parameters-secrets-token", TOKEN)]
 
 
-class Clock:
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def log(self, level, message):
-        self.lines.append((level, message))
-
-    def enabled(self, level):
-        return True
-
-    def debug(self, message):
-        self.log("debug", message)
-
-    def info(self, message):
-        self.log("info", message)
-
-    def warn(self, message):
-        self.log("warn", message)
-
-    def error(self, message):
-        self.log("error", message)
-
-
 class ScriptedClient:
     """Stands in for ServiceClient: answer(target, payload) gives the wire answer (or
     raises), which the shape function then checks, as the real client does."""
@@ -323,10 +292,10 @@ def make_service(ssm=None, secrets=None, env=None):
     config, _ = extension.load_config(dict({
         "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
         "AWS_SECRET_ACCESS_KEY": "s", "AWS_TOKEN": TOKEN}, **(env or {})))
-    log = Log()
+    log = RecordingLog()
     credentials = extension.CredentialProvider(config, log)
     credentials.resolve()
-    clock, wall = Clock(), Clock(1_800_000_000.0)
+    clock, wall = FakeClock(), FakeClock(1_800_000_000.0)
     service = extension.Service(config, log, credentials, clock=clock, wall=wall)
     service.clients["ssm"] = ScriptedClient(ssm or get_parameters, clock)
     service.clients["secretsmanager"] = ScriptedClient(secrets or (lambda target, payload: {}), clock)
@@ -579,7 +548,7 @@ def test_the_cache_off_bypasses_every_item():
 
 
 def test_a_batch_hit_reads_the_cache_once_with_the_single_rules():
-    clock, wall = Clock(), Clock(1_800_000_000.0)
+    clock, wall = FakeClock(), FakeClock(1_800_000_000.0)
     cache = extension.TTLCache(3, 10, clock, wall)
     cache.put("a", b"A", 5)
     cache.put("b", b"B", 100)
@@ -598,10 +567,10 @@ def test_a_batch_hit_reads_the_cache_once_with_the_single_rules():
 def test_a_batch_answer_of_the_wrong_shape_is_retried_like_any_other():
     config, _ = extension.load_config({"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "k",
                                        "AWS_SECRET_ACCESS_KEY": "s"})
-    credentials = extension.CredentialProvider(config, Log())
+    credentials = extension.CredentialProvider(config, RecordingLog())
     credentials.resolve()
     client = extension.ServiceClient("ssm", "http://127.0.0.1:9", "us-east-1", credentials, 1, extension.Stats(),
-                                     Log(), Clock(), lambda seconds: None)
+                                     RecordingLog(), FakeClock(), lambda seconds: None)
     answers = iter([{"Parameters": [wire("/other")]}, {"Parameters": [wire("/a")], "InvalidParameters": ["/b"]}])
     attempts = []
     client._attempt = lambda *args: attempts.append(args[-1]) or next(answers)

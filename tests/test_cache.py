@@ -6,32 +6,7 @@ import threading
 import pytest
 
 import extension
-
-
-class FakeClock:
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def log(self, level, message):
-        self.lines.append((level, message))
-
-    def warn(self, message):
-        self.log("warn", message)
-
-    def debug(self, message):
-        self.log("debug", message)
-
+from conftest import FakeClock, RecordingLog
 
 # ----------------------------------------------------------------------------- TTLCache
 
@@ -115,11 +90,10 @@ KEY = ("ssm", "/app/k", None, False)
 OTHER = ("ssm", "/app/other", None, False)
 
 
-
 def make_store(max_items=10, max_stale=300):
     clock = FakeClock()
     stats = extension.Stats()
-    log = Log()
+    log = RecordingLog()
     store = extension.Store(extension.TTLCache(max_items, max_stale, clock), stats, log)
     return store, clock, stats, log
 

@@ -32,7 +32,7 @@ import pytest
 
 import extension
 from conftest import ROOT, SM_GET, SSM_GET, free_port
-from test_lifecycle import build_layer, lambda_env
+from test_lifecycle import lambda_env
 
 NAME = "parameters-secrets-extension"
 WRAPPER = ROOT / "wrapper"
@@ -73,26 +73,12 @@ def handler(event, context):
 """
 
 
-@pytest.fixture(scope="module")
-def layer_zip(tmp_path_factory):
-    return build_layer(tmp_path_factory.mktemp("layer"))
-
-
 @pytest.fixture
-def make_lambda(tmp_path, layer_zip):
-    from fake_lambda import LambdaEnvironment
-
-    made = []
-
+def make_lambda(lambda_factory):
     def make(env):
-        lam = LambdaEnvironment(layer_zip, tmp_path / f"lambda{len(made)}", env, {"handler.py": HANDLER})
-        made.append(lam)
-        return lam
+        return lambda_factory(env, {"handler.py": HANDLER})
 
-    yield make
-    for lam in made:
-        lam.close()
-        print(lam.logs())
+    return make
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ then; ours 200).
 """
 
 import json
-import os
 import secrets
 import signal
 import socket
@@ -25,11 +24,10 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SM_GET, SSM_GET, TOKEN_HEADER, free_port, wait_for
+from conftest import SM_GET, SSM_GET, TOKEN_HEADER, build_layer, free_port, wait_for
 from fake_lambda import RUNTIME_BASE, LambdaEnvironment
 
 NAME = "parameters-secrets-extension"
@@ -111,25 +109,6 @@ def handler_source(port=2773, fetch_at_init=True):
                                      fetch_at_init=bool(fetch_at_init))
 
 
-def build_layer(out_dir, name=None):
-    """Run build_layer.sh; return the zip's path (its last output line)."""
-    cmd = ["sh", str(ROOT / "build_layer.sh"), "-o", str(out_dir)]
-    if name:
-        cmd.append(name)
-    env = dict(os.environ, PYTHON=sys.executable)
-    env.pop("EXTENSION_NAME", None)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return Path(done.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def layer_zip(tmp_path_factory):
-    if not (ROOT / "extension.py").exists():
-        pytest.fail("extension.py is missing from the repository root")
-    return build_layer(tmp_path_factory.mktemp("layer"))
-
-
 @pytest.fixture
 def seeded(ssm, secretsmanager):
     ssm.put_parameter(Name=PARAM_NAME, Value=PARAM_VALUE, Type="String")
@@ -155,25 +134,18 @@ def lambda_env(endpoint_url, home, port=None, **overrides):
 
 
 @pytest.fixture
-def make_lambda(tmp_path, layer_zip):
-    """Factory: ``make_lambda(env, **kwargs) -> LambdaEnvironment`` (closed at teardown).
+def make_lambda(lambda_factory):
+    """Factory ``make_lambda(env, task_files=None, layer=None, **kwargs)``: the layer in the
+    fake Lambda, with the documented handler (for env's port) unless task_files is given.
 
     On a failing test the output of every process is printed (pytest shows it).
     """
-    made = []
 
     def make(env, task_files=None, layer=None, **kwargs):
-        workdir = tmp_path / f"lambda{len(made)}"
         port = int(env.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT", 2773))
-        files = task_files or {"handler.py": handler_source(port)}
-        lam = LambdaEnvironment(layer or layer_zip, workdir, env, files, **kwargs)
-        made.append(lam)
-        return lam
+        return lambda_factory(env, task_files or {"handler.py": handler_source(port)}, layer, **kwargs)
 
-    yield make
-    for lam in made:
-        lam.close()
-        print(lam.logs())
+    return make
 
 
 def wait_port_free(port, timeout=10.0):

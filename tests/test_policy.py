@@ -12,6 +12,7 @@ import json
 import pytest
 
 import extension
+from conftest import FakeClock, RecordingLog
 
 TOKEN = "token-0123456789-abcdefghij-0123456789"
 PARAMETER_ANSWER = {"Parameter": {"Name": "/app/p", "Type": "String", "Value": "the-value", "Version": 3,
@@ -20,37 +21,6 @@ PARAMETER_ANSWER = {"Parameter": {"Name": "/app/p", "Type": "String", "Value": "
 SECRET_ANSWER = {"ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:app/s-AbCdEf", "Name": "app/s",
                  "VersionId": "v1", "SecretString": "s3cr3t", "VersionStages": ["AWSCURRENT"],
                  "CreatedDate": 1668586960.362}
-
-
-class Clock:
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def log(self, level, message):
-        self.lines.append((level, message))
-
-    def enabled(self, level):
-        return True
-
-    def debug(self, message):
-        self.log("debug", message)
-
-    def info(self, message):
-        self.log("info", message)
-
-    def warn(self, message):
-        self.log("warn", message)
-
-    def error(self, message):
-        self.log("error", message)
 
 
 class StubClient:
@@ -75,10 +45,10 @@ def make_service(env=None, ssm=None, secrets=None):
     config, _ = extension.load_config(dict({
         "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
         "AWS_SECRET_ACCESS_KEY": "s", "AWS_TOKEN": TOKEN}, **(env or {})))
-    log = Log()
+    log = RecordingLog()
     credentials = extension.CredentialProvider(config, log)
     credentials.resolve()
-    clock, wall = Clock(), Clock(1_800_000_000.0)
+    clock, wall = FakeClock(), FakeClock(1_800_000_000.0)
     service = extension.Service(config, log, credentials, clock=clock, wall=wall)
     service.clients["ssm"] = ssm or StubClient(PARAMETER_ANSWER)
     service.clients["secretsmanager"] = secrets or StubClient(SECRET_ANSWER)
@@ -277,7 +247,7 @@ def test_any_error_body_gives_a_clean_error(data):
 
 
 def make_client(clock, sleep=None, attempts=None):
-    log = Log()
+    log = RecordingLog()
     config, _ = extension.load_config({"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "k",
                                        "AWS_SECRET_ACCESS_KEY": "s"})
     credentials = extension.CredentialProvider(config, log)
@@ -290,7 +260,7 @@ def make_client(clock, sleep=None, attempts=None):
 
 
 def test_an_attempt_that_is_not_the_last_gets_half_of_what_is_left():
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     client = make_client(clock)
     assert client.attempt_deadline(110.0, attempts_left=3) == 105.0
     assert client.attempt_deadline(110.0, attempts_left=1) == 110.0
@@ -301,7 +271,7 @@ def test_an_attempt_that_is_not_the_last_gets_half_of_what_is_left():
 
 
 def test_retries_stop_when_the_backoff_would_pass_the_deadline():
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     slept = []
 
     def attempts(target, body, credentials, deadline, attempts_left):
@@ -319,7 +289,7 @@ def test_retries_stop_when_the_backoff_would_pass_the_deadline():
 
 
 def test_three_attempts_at_most_with_backoff_between():
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     slept, seen = [], []
 
     def attempts(target, body, credentials, deadline, attempts_left):
@@ -342,7 +312,7 @@ def test_errors_that_are_not_retried(error):
         seen.append(1)
         raise error
 
-    client = make_client(Clock(), attempts=attempts)
+    client = make_client(FakeClock(), attempts=attempts)
     with pytest.raises(type(error)):
         client.call("AmazonSSM.GetParameter", {}, None, lambda answer: answer)
     assert seen == [1]
@@ -362,7 +332,7 @@ def test_no_free_connection_within_the_deadline_is_503_and_not_retried():
         def release(self):
             raise AssertionError("released a connection it never had")
 
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     client = make_client(clock)
     client._connections = Busy()
     with pytest.raises(extension.ConnectionsBusy) as caught:
@@ -374,7 +344,7 @@ def test_no_free_connection_within_the_deadline_is_503_and_not_retried():
 
 def test_an_invalid_answer_is_retried():
     answers = iter([{"Parameter": None}, PARAMETER_ANSWER])
-    client = make_client(Clock(), attempts=lambda *args: next(answers))
+    client = make_client(FakeClock(), attempts=lambda *args: next(answers))
     body = client.call("AmazonSSM.GetParameter", {}, None, lambda a: extension.render_parameter(a, "/app/p", None))
     assert json.loads(body)["Parameter"]["Value"] == "the-value"
 
@@ -408,8 +378,8 @@ def test_a_freeze_moves_both_clocks_and_drops_nothing():
 def test_container_credentials_are_dropped_and_judged_on_the_wall_clock():
     config, _ = extension.load_config({"AWS_REGION": "us-east-1",
                                        "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://127.0.0.1:9/creds"})
-    wall = Clock(1_800_000_000.0)
-    provider = extension.CredentialProvider(config, Log(), wall=wall, clock=Clock())
+    wall = FakeClock(1_800_000_000.0)
+    provider = extension.CredentialProvider(config, RecordingLog(), wall=wall, clock=FakeClock())
     provider.resolve()
     fetched = []
 
@@ -433,7 +403,7 @@ def test_a_relative_container_uri_must_start_with_a_slash():
     config, _ = extension.load_config({"AWS_REGION": "us-east-1",
                                        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": "@127.0.0.1:9/x"})
     with pytest.raises(extension.CredentialsError, match="AWS_CONTAINER_CREDENTIALS_RELATIVE_URI must start"):
-        extension.CredentialProvider(config, Log()).resolve()
+        extension.CredentialProvider(config, RecordingLog()).resolve()
 
 
 @pytest.mark.parametrize("url", ["ftp://user:pa55word@host", "https://user:pa55word@ssm.example.com"])

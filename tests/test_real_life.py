@@ -39,15 +39,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SSM_GET, TOKEN_HEADER, free_port, wait_for
+from conftest import SSM_GET, TOKEN_HEADER, free_port, wait_for
 from fake_aws import Do, FakeAWS
 from fake_lambda import (
     SLEEP_SHIM,
-    LambdaEnvironment,
     faketime_env,
     find_libfaketime,
     write_wall_clock_offset,
@@ -201,37 +199,14 @@ def wall_clock(libfaketime, tmp_path):
 # --------------------------------------------------------------------------- fake Lambda
 
 
-def build_layer(out_dir):
-    """Run build_layer.sh (as tests/test_lifecycle.py does); return the zip's path."""
-    env = dict(os.environ, PYTHON=sys.executable)
-    env.pop("EXTENSION_NAME", None)
-    done = subprocess.run(["sh", str(ROOT / "build_layer.sh"), "-o", str(out_dir)], env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return Path(done.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def layer_zip(tmp_path_factory):
-    return build_layer(tmp_path_factory.mktemp("layer"))
-
-
 @pytest.fixture
-def make_lambda(tmp_path, layer_zip):
-    """Factory ``make_lambda(env, handler_source, **kwargs) -> LambdaEnvironment``; closed
-    at teardown, every process's output printed (pytest shows it for a failed test)."""
-    made = []
+def make_lambda(lambda_factory):
+    """Factory ``make_lambda(env, handler_source, **kwargs) -> LambdaEnvironment``."""
 
     def make(env, handler_source, **kwargs):
-        lam = LambdaEnvironment(layer_zip, tmp_path / f"lambda{len(made)}", env,
-                                {"handler.py": handler_source}, **kwargs)
-        made.append(lam)
-        return lam
+        return lambda_factory(env, {"handler.py": handler_source}, **kwargs)
 
-    yield make
-    for lam in made:
-        lam.close()
-        print(lam.logs())
+    return make
 
 
 def lambda_env(endpoint_url, home, port, **overrides):

@@ -9,30 +9,15 @@ import threading
 import pytest
 
 import extension
+from conftest import FakeClock, RecordingLog
 
 KEY = ("ssm", "/app/p", None, False)
 
 
-class Clock:
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def warn(self, message):
-        self.lines.append(("warn", message))
-
-
 def make_store(max_stale=300):
-    clock, wall = Clock(), Clock(1_800_000_000.0)
+    clock, wall = FakeClock(), FakeClock(1_800_000_000.0)
     cache = extension.TTLCache(10, max_stale, clock, wall)
-    return extension.Store(cache, extension.Stats(), Log(), clock), clock, wall
+    return extension.Store(cache, extension.Stats(), RecordingLog(), clock), clock, wall
 
 
 def calls(*outcomes):

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import extension
-from conftest import free_port, wait_for
+from conftest import RecordingLog, free_port, wait_for
 
 
 def head(data):
@@ -129,27 +129,11 @@ def test_response_bytes():
 # ------------------------------------------------------------------ the listener
 
 
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def log(self, level, message):
-        self.lines.append((level, message))
-
-    def enabled(self, level):
-        return True
-
-    def debug(self, message):
-        self.log("debug", message)
-
-    info = warn = error = debug
-
-
 def make_service(**env):
     config, _ = extension.load_config(dict({
         "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
         "AWS_SECRET_ACCESS_KEY": "s", "AWS_TOKEN": "token-for-the-transport-tests"}, **env))
-    log = Log()
+    log = RecordingLog()
     credentials = extension.CredentialProvider(config, log)
     credentials.resolve()
     return extension.Service(config, log, credentials)
