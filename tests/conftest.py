@@ -22,6 +22,7 @@ Plain helpers (``from conftest import ...``)
     ``free_port()``                 a currently free TCP port on 127.0.0.1
     ``wait_for(predicate, ...)``    bounded polling loop (never a fixed long sleep)
     ``FakeClock``, ``RecordingLog`` an injectable clock and a stand-in logger, for unit tests
+    ``unit_service(env, **clients)``  an in-process extension.Service on fake clocks
     ``ssm_path(name, **query)``     ``/systemsmanager/parameters/get?name=<name quoted>&k=v``
     ``sm_path(secret_id, **query)`` ``/secretsmanager/get?secretId=<id quoted>&k=v``
     ``warn_lines(text)``            the WARN lines of a text-format extension log
@@ -143,6 +144,30 @@ class RecordingLog:
 
     def error(self, message):
         self.log("error", message)
+
+
+# The request token of in-process services (unit_service).
+UNIT_TOKEN = "token-0123456789-abcdefghij-0123456789"
+
+
+def unit_service(env=None, **clients):
+    """An extension.Service for in-process tests, on fake clocks: credentials from the
+    environment, endpoints on 127.0.0.1:9 (reached only if a test lets a real client
+    call), request token UNIT_TOKEN. clients: aws_service=stand-in (with call(target,
+    payload, deadline, render) and close_idle()) replacing that ServiceClient.
+    Returns (service, clock, wall, log)."""
+    import extension
+
+    config, _ = extension.load_config(dict({
+        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s", "AWS_TOKEN": UNIT_TOKEN}, **(env or {})))
+    log = RecordingLog()
+    credentials = extension.CredentialProvider(config, log)
+    credentials.resolve()
+    clock, wall = FakeClock(), FakeClock(1_800_000_000.0)
+    service = extension.Service(config, log, credentials, clock=clock, wall=wall)
+    service.clients.update(clients)
+    return service, clock, wall, log
 
 
 def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):

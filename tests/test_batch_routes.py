@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import extension
-from conftest import SM_GET, SSM_GET, FakeClock, RecordingLog
+from conftest import SM_GET, SSM_GET, UNIT_TOKEN, FakeClock, RecordingLog, unit_service
 
 GET = "/systemsmanager/parameters/get"
 MULTIPLE = "/systemsmanager/parameters/get-multiple"
@@ -253,7 +253,7 @@ def test_a_get_first_then_batch_get_asks_only_for_the_others(world):
 # ------------------------------------------------------------------ in process
 
 
-TOKEN = "token-0123456789-abcdefghij-0123456789"
+TOKEN = UNIT_TOKEN
 HEADERS = [("x-aws-parameters-secrets-token", TOKEN)]
 
 
@@ -289,14 +289,8 @@ def get_parameters(target, payload):
 
 
 def make_service(ssm=None, secrets=None, env=None):
-    config, _ = extension.load_config(dict({
-        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
-        "AWS_SECRET_ACCESS_KEY": "s", "AWS_TOKEN": TOKEN}, **(env or {})))
-    log = RecordingLog()
-    credentials = extension.CredentialProvider(config, log)
-    credentials.resolve()
-    clock, wall = FakeClock(), FakeClock(1_800_000_000.0)
-    service = extension.Service(config, log, credentials, clock=clock, wall=wall)
+    """(service, clock, wall) with scripted GetParameters / BatchGetSecretValue answers."""
+    service, clock, wall, _ = unit_service(env)
     service.clients["ssm"] = ScriptedClient(ssm or get_parameters, clock)
     service.clients["secretsmanager"] = ScriptedClient(secrets or (lambda target, payload: {}), clock)
     return service, clock, wall

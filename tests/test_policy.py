@@ -12,9 +12,9 @@ import json
 import pytest
 
 import extension
-from conftest import FakeClock, RecordingLog
+from conftest import UNIT_TOKEN, FakeClock, RecordingLog, unit_service
 
-TOKEN = "token-0123456789-abcdefghij-0123456789"
+TOKEN = UNIT_TOKEN
 PARAMETER_ANSWER = {"Parameter": {"Name": "/app/p", "Type": "String", "Value": "the-value", "Version": 3,
                                   "ARN": "arn:aws:ssm:us-east-1:123456789012:parameter/app/p",
                                   "LastModifiedDate": 1668586960.362, "DataType": "text"}}
@@ -42,17 +42,8 @@ class StubClient:
 
 
 def make_service(env=None, ssm=None, secrets=None):
-    config, _ = extension.load_config(dict({
-        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
-        "AWS_SECRET_ACCESS_KEY": "s", "AWS_TOKEN": TOKEN}, **(env or {})))
-    log = RecordingLog()
-    credentials = extension.CredentialProvider(config, log)
-    credentials.resolve()
-    clock, wall = FakeClock(), FakeClock(1_800_000_000.0)
-    service = extension.Service(config, log, credentials, clock=clock, wall=wall)
-    service.clients["ssm"] = ssm or StubClient(PARAMETER_ANSWER)
-    service.clients["secretsmanager"] = secrets or StubClient(SECRET_ANSWER)
-    return service, clock, wall, log
+    return unit_service(env, ssm=ssm or StubClient(PARAMETER_ANSWER),
+                        secretsmanager=secrets or StubClient(SECRET_ANSWER))
 
 
 def answer(service, target, headers=None, method="GET"):

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import extension
-from conftest import RecordingLog, free_port, wait_for
+from conftest import free_port, unit_service, wait_for
 
 
 def head(data):
@@ -130,13 +130,7 @@ def test_response_bytes():
 
 
 def make_service(**env):
-    config, _ = extension.load_config(dict({
-        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
-        "AWS_SECRET_ACCESS_KEY": "s", "AWS_TOKEN": "token-for-the-transport-tests"}, **env))
-    log = RecordingLog()
-    credentials = extension.CredentialProvider(config, log)
-    credentials.resolve()
-    return extension.Service(config, log, credentials)
+    return unit_service(env)[0]
 
 
 @pytest.fixture
