@@ -67,11 +67,14 @@ What it never does
     /event/next, which blocks until Lambda has an event by design.
 
 Layout (each section needs only the ones above it)
+    Early start     before any other import: the listening sockets, and /register by hand
+                    (Lambda starts the function's runtime only once every extension has)
     Errors          every failure, and the one place it becomes an HTTP answer
     Configuration   the environment, read once into Config
     Logging         one line per event, control characters escaped, never a value
     SigV4           pure functions, one per step of AWS's signing process
-    HTTP exchange   one outbound request and answer under a deadline and a size cap
+    HTTP exchange   the outbound HTTP/1.1 client: one request and answer under a deadline
+                    and a size cap
     Credentials     environment, container endpoint, shared files
     AWS client      JSON 1.1 calls, connection pool, retries inside the budget
     AWS answers     shape checks, and the official extension's answer shapes
