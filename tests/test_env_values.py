@@ -310,12 +310,22 @@ def test_the_wrapper_without_a_command_says_so(layer_zip, tmp_path):
 
 def test_the_wrapper_refuses_a_bad_python_override(layer_zip, tmp_path):
     wrapper = unpacked_layer(layer_zip, tmp_path)
-    done = run_wrapper(wrapper, ["/bin/true"], {"PATH": "/usr/bin:/bin",
+    done = run_wrapper(wrapper, ["/bin/true"], {"PATH": "/usr/bin:/bin", "DB": "{{secret:db}}",
                                                 "PARAMETERS_SECRETS_EXTENSION_PYTHON": "/nonexistent/python"},
                        tmp_path)
     assert done.returncode == 1
     lines = done.stderr.decode().splitlines()
     assert len(lines) == 1 and "PARAMETERS_SECRETS_EXTENSION_PYTHON=/nonexistent/python" in lines[0]
+
+
+def test_without_references_the_wrapper_starts_no_python(layer_zip, tmp_path):
+    # Nothing to resolve: the runtime is exec'd by the shell at once (a Python that could
+    # not even start is never looked for), with the environment it would have had.
+    wrapper = unpacked_layer(layer_zip, tmp_path)
+    done = run_wrapper(wrapper, ["/bin/sh", "-c", 'printf %s "$KEPT"'],
+                       {"PATH": "/usr/bin:/bin", "KEPT": "{{resolve:ssm:/a}} ${ssm:/b}",
+                        "PARAMETERS_SECRETS_EXTENSION_PYTHON": "/nonexistent/python"}, tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"{{resolve:ssm:/a}} ${ssm:/b}", b"")
 
 
 # ------------------------------------------------------------------ in process: parsing
