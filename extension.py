@@ -378,6 +378,23 @@ class ConnectionsBusy(UpstreamError):
         super().__init__(503, "ConnectionsBusy", "every connection to AWS is busy; retry", detail)
 
 
+class HttpProtocolError(Exception):
+    """An answer that is not HTTP/1.1 as it should be: a bad status line or header, a
+    body cut short. The connection it came on is unusable."""
+
+
+class UnresolvedReference(Exception):
+    """The wrapper's mode (Values in environment variables): a {{ssm:...}} or
+    {{secret:...}} reference that cannot become a value: error_type names why (AWS's __type, or one
+    of ours); message never holds a value or a token."""
+
+    def __init__(self, error_type, message=""):
+        super().__init__(f"{error_type}: {message}" if message else error_type)
+        self.error_type = error_type
+        self.message = message
+        self.variable = self.reference = None  # set where they are known
+
+
 class CredentialsError(Exception):
     """No usable credentials source (found at start, or a fetch that failed). The message
     names what was looked for, never a key."""
@@ -838,11 +855,6 @@ MAX_ANSWER_BYTES = 1024 * 1024
 
 MAX_ANSWER_HEAD = 64 * 1024  # status line and headers of one answer
 MAX_CHUNK_LINE = 1024
-
-
-class HttpProtocolError(Exception):
-    """An answer that is not HTTP/1.1 as it should be: a bad status line or header, a
-    body cut short. The connection it came on is unusable."""
 
 
 class HttpConnection:
@@ -3195,17 +3207,6 @@ CONNECT_SECONDS = 1.0
 ANSWER_MARGIN_SECONDS = 2.0
 # At most this many references are fetched at once (one connection each).
 REFERENCE_WORKERS = 4
-
-
-class UnresolvedReference(Exception):
-    """A reference that cannot become a value: error_type names why (AWS's __type, or one
-    of ours); message never holds a value or a token."""
-
-    def __init__(self, error_type, message=""):
-        super().__init__(f"{error_type}: {message}" if message else error_type)
-        self.error_type = error_type
-        self.message = message
-        self.variable = self.reference = None  # set where they are known
 
 
 class Reference:

@@ -23,6 +23,7 @@ Plain helpers (``from conftest import ...``)
     ``wait_for(predicate, ...)``    bounded polling loop (never a fixed long sleep)
     ``FakeClock``, ``RecordingLog`` an injectable clock and a stand-in logger, for unit tests
     ``unit_service(env, **clients)``  an in-process extension.Service on fake clocks
+    ``stand_in(obj, name, value)``  replace an existing attribute, for fault injection
     ``ssm_path(name, **query)``     ``/systemsmanager/parameters/get?name=<name quoted>&k=v``
     ``sm_path(secret_id, **query)`` ``/secretsmanager/get?secretId=<id quoted>&k=v``
     ``warn_lines(text)``            the WARN lines of a text-format extension log
@@ -144,6 +145,15 @@ class RecordingLog:
 
     def error(self, message):
         self.log("error", message)
+
+
+def stand_in(obj, name, replacement):
+    """Put replacement in place of obj.name, for fault injection in unit tests. The name
+    must exist: a renamed internal fails the test at once instead of leaving the real
+    one in place unnoticed."""
+    getattr(obj, name)
+    setattr(obj, name, replacement)
+    return replacement
 
 
 # The request token of in-process services (unit_service).

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import extension
-from conftest import SM_GET, SSM_GET, UNIT_TOKEN, FakeClock, RecordingLog, unit_service
+from conftest import SM_GET, SSM_GET, UNIT_TOKEN, FakeClock, RecordingLog, stand_in, unit_service
 
 GET = "/systemsmanager/parameters/get"
 MULTIPLE = "/systemsmanager/parameters/get-multiple"
@@ -567,7 +567,7 @@ def test_a_batch_answer_of_the_wrong_shape_is_retried_like_any_other():
                                      RecordingLog(), FakeClock(), lambda seconds: None)
     answers = iter([{"Parameters": [wire("/other")]}, {"Parameters": [wire("/a")], "InvalidParameters": ["/b"]}])
     attempts = []
-    client._attempt = lambda *args: attempts.append(args[-1]) or next(answers)
+    stand_in(client, "_attempt", lambda *args: attempts.append(args[-1]) or next(answers))
     asked = [("/a", "/a", None), ("/b", "/b", None)]
     results = client.call(SSM_MANY, {"Names": ["/a", "/b"]}, None,
                           lambda answer: extension.split_parameters(answer, asked))

@@ -12,7 +12,7 @@ import json
 import pytest
 
 import extension
-from conftest import UNIT_TOKEN, FakeClock, RecordingLog, unit_service
+from conftest import UNIT_TOKEN, FakeClock, RecordingLog, stand_in, unit_service
 
 TOKEN = UNIT_TOKEN
 PARAMETER_ANSWER = {"Parameter": {"Name": "/app/p", "Type": "String", "Value": "the-value", "Version": 3,
@@ -246,7 +246,7 @@ def make_client(clock, sleep=None, attempts=None):
     client = extension.ServiceClient("ssm", "http://127.0.0.1:9", "us-east-1", credentials, 1,
                                      extension.Stats(), log, clock, sleep or (lambda seconds: None))
     if attempts is not None:
-        client._attempt = attempts
+        stand_in(client, "_attempt", attempts)
     return client
 
 
@@ -325,10 +325,10 @@ def test_no_free_connection_within_the_deadline_is_503_and_not_retried():
 
     clock = FakeClock(100.0)
     client = make_client(clock)
-    client._connections = Busy()
+    busy = stand_in(client, "_connections", Busy())
     with pytest.raises(extension.ConnectionsBusy) as caught:
         client.call("AmazonSSM.GetParameter", {}, 100.5, lambda answer: answer)
-    assert client._connections.waits == [0.5]  # the whole budget, once: no retry
+    assert busy.waits == [0.5]  # the whole budget, once: no retry
     assert (caught.value.status, caught.value.error_type) == (503, "ConnectionsBusy")
     assert caught.value.transient and not caught.value.retryable  # a stale value may answer
 
@@ -378,7 +378,7 @@ def test_container_credentials_are_dropped_and_judged_on_the_wall_clock():
         fetched.append(deadline)
         return extension.Credentials("ASIA", "secret", "token", wall.now + 3600)
 
-    provider._from_container = from_container
+    stand_in(provider, "_from_container", from_container)
     provider.get()
     provider.get()
     assert len(fetched) == 1

@@ -142,7 +142,7 @@ def listening():
         service = make_service(**env)
         sockets, problem = extension.bind_loopback(free_port())
         assert problem is None
-        listener = extension.Listener(service, sockets, start_thread or extension._thread.start_new_thread)
+        listener = extension.Listener(service, sockets, **({"start_thread": start_thread} if start_thread else {}))
         listener.start()
         started.append(listener)
         return listener
