@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: the extension against its floor and against the SDK path (issue 5).
+"""Benchmark: the extension against its floor and against the SDK path.
 
     python3 bench/bench.py [--json] [--quick] [--strict]
 
@@ -18,7 +18,7 @@ minutes (about 60 s; about 35 s with --quick):
 
 Absolute times on a shared machine are noisy, so every target is a ratio between
 figures taken in the same run, and the extension and the floor are measured in
-alternation. The targets are the issue's table; each row prints pass or miss.
+alternation. Each row shows its target and prints pass or miss.
 Exit status: 0 when the benchmark ran (even with misses; --strict: 1 on any miss),
 2 when it could not run.
 """
@@ -457,7 +457,7 @@ def timed_interleaved(calls, count):
 
 
 def measure_latency(ext_port, floor_port, settings):
-    """Items 1 and 2: hit latency, both client styles, extension and floor interleaved."""
+    """Hit latency and the floor: both client styles, extension and floor interleaved."""
     # 'localhost' as in the documented example. Here it resolves to 127.0.0.1 only; where it
     # resolves to ::1 first, both the extension and the floor answer there too.
     urls = {
@@ -512,11 +512,12 @@ def measure_latency(ext_port, floor_port, settings):
 
 
 def measure_boto3(moto_endpoint, ext_port, settings):
-    """Item 3a: boto3 get_parameter against the same moto server (client created once),
-    in blocks alternating with blocks of cache hits on the extension (both client styles),
-    so that the speed-up compares figures taken under the same load. Blocks, not single
-    calls: moto runs in this process, and its request thread still holds the GIL for a
-    moment after answering, which would slow the extension request timed right after."""
+    """boto3 against the extension: get_parameter against the same moto server (client
+    created once), in blocks alternating with blocks of cache hits on the extension (both
+    client styles), so that the speed-up compares figures taken under the same load.
+    Blocks, not single calls: moto runs in this process, and its request thread still
+    holds the GIL for a moment after answering, which would slow the extension request
+    timed right after."""
     ssm = aws_client("ssm", moto_endpoint)
     keepalive = KeepAliveClient(ext_port)
     url = f"http://localhost:{ext_port}{PARAM_PATH}"
@@ -565,7 +566,7 @@ json.loads(config)
 
 
 def measure_first_value(moto_endpoint, ext_port, settings):
-    """Item 3b: a fresh Python process getting one value: boto3 to moto vs urllib to the extension.
+    """First value in a fresh process: boto3 to moto vs urllib to the extension.
 
     Both run with this benchmark's own interpreter and flags (site enabled: boto3 lives
     in site-packages), so the difference is the work each does.
@@ -629,7 +630,7 @@ for line in sys.stdin:
 
 
 def measure_throughput(python, ext_port, floor_port, settings):
-    """Item 4: requests/s summed over 8 client processes, each with its own keep-alive
+    """Throughput: requests/s summed over 8 client processes, each with its own keep-alive
     connection to each server; short windows alternate between the extension and the
     floor. Other tenants of a shared machine steal CPU in bursts that can flatter either
     side's best window, so the verdict is the median of the ratios of adjacent windows;
@@ -690,7 +691,7 @@ def measure_throughput(python, ext_port, floor_port, settings):
 
 
 def measure_cold_start(launcher, endpoint, settings):
-    """Item 5a and idle memory: exec to first 200 on /ping, then VmRSS; alternating, medians.
+    """Cold start and idle memory: exec to first 200 on /ping, then VmRSS; alternating, medians.
 
     The extension starts as the layer's bootstrap execs it (`python -E -s -S -u -m extension`
     in /opt/<name>, loading the hash-checked .pyc that build_layer.sh ships); for
@@ -747,7 +748,7 @@ def time_stop(proc, port):
 
 
 def measure_filled_memory(launcher, moto_endpoint, settings):
-    """Item 5b: RSS of one extension idle, then with fill_count 4 KB values cached."""
+    """Memory with values cached: RSS of one extension idle, then with fill_count 4 KB values."""
     proc, port = launcher.start_extension(moto_endpoint)
     try:
         wait_for_ping(proc, port)
@@ -785,7 +786,7 @@ def measure_filled_memory(launcher, moto_endpoint, settings):
 
 
 def measure_upstream_economy(ext_port, proxy, settings):
-    """Item 6: AWS calls for 64 concurrent cold requests of one key, and for 1,000 requests in the TTL."""
+    """Upstream economy: AWS calls for 64 concurrent cold requests of one key, and for 1,000 requests in the TTL."""
     path = f"/systemsmanager/parameters/get?name={COLD_PARAM}"
     n = settings.concurrent_cold
     clients = [KeepAliveClient(ext_port) for _ in range(n)]
@@ -841,13 +842,13 @@ def measure_upstream_economy(ext_port, proxy, settings):
     }
 
 
-BATCH_NAMES = 25  # get-multiple: three GetParameters calls on a miss (the issue's example)
+BATCH_NAMES = 25  # get-multiple: three GetParameters calls on a miss (10 names per call)
 BATCH_SECRETS = 10
 BATCH_VALUE = "v" * 16
 
 
 def measure_batch_routes(ext_port, moto_endpoint, settings):
-    """Issue 13: a hit on each batch route (get-multiple, get-by-path, batch-get) against a
+    """Batch routes: a hit on each batch route (get-multiple, get-by-path, batch-get) against a
     /get hit whose answer has the same size, keep-alive, interleaved request by request;
     jsonKey and format=raw against a plain /get of the same secret, for information."""
     ssm = aws_client("ssm", moto_endpoint)
@@ -1112,26 +1113,26 @@ def run(args):
             floor, floor_port = launcher.start_floor()
             wait_for_ping(floor, floor_port)
 
-            log("1-2: hit latency, documented client and keep-alive, extension vs floor")
+            log("hit latency, documented client and keep-alive, extension vs floor")
             results["latency"] = measure_latency(ext_port, floor_port, settings)
-            log("3: boto3 get_parameter to moto, and a first value in a fresh process")
+            log("boto3 get_parameter to moto, and a first value in a fresh process")
             results["boto3"] = measure_boto3(moto_endpoint, ext_port, settings)
             results["first_value"] = measure_first_value(moto_endpoint, ext_port, settings)
-            log("4: throughput, 8 keep-alive client processes")
+            log("throughput, 8 keep-alive client processes")
             results["throughput"] = measure_throughput(args.python, ext_port, floor_port, settings)
-            log("6: upstream economy")
+            log("upstream economy")
             results["economy"] = measure_upstream_economy(ext_port, proxy, settings)
-            log("issue 13: a hit on each batch route against a /get hit of the same size")
+            log("batch routes: a hit on each against a /get hit of the same size")
             results["batch_routes"] = measure_batch_routes(ext_port, moto_endpoint, settings)
             launcher.stop(ext)
             launcher.stop(floor)
 
-            log("5: cold start and idle memory")
+            log("cold start and idle memory")
             results["cold_start"] = measure_cold_start(launcher, proxy_endpoint, settings)
-            log("5: memory with 1,000 x 4 KB values cached")
+            log("memory with 1,000 x 4 KB values cached")
             results["memory_filled"] = measure_filled_memory(launcher, moto_endpoint, settings)
             if not args.stand_in_floor:
-                log("8: cold start under a minimal Extensions API, against a minimal Python extension")
+                log("cold start under a minimal Extensions API, against a minimal Python extension")
                 results["lambda_cold_start"] = coldstart.measure(os.path.realpath(args.python), args.extension,
                                                                  settings.lambda_cold_start_runs)
         finally:

@@ -1,4 +1,4 @@
-"""The floor the extension is measured against (issue 5, item 2).
+"""The floor the extension is measured against (bench/README.md, "What runs").
 
 A bare ``http.server.ThreadingHTTPServer``: HTTP/1.1 keep-alive, TCP_NODELAY on every
 accepted socket, daemon threads, and every GET (``/ping`` included) answered 200 with

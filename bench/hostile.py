@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""What a hostile caller or a hostile AWS can make the extension hold or wait (issue 9).
+"""What a hostile caller or a hostile AWS can make the extension hold or wait
+(docs/pitfalls.md, "What a hostile or broken peer does").
 
     python3 bench/hostile.py [--quick] [--extension PATH]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: the INIT time the layer's runtime wrapper adds (issue 14).
+"""Benchmark: the INIT time the layer's runtime wrapper adds (docs/env-values.md).
 
     .venv/bin/python bench/wrapper.py [--runs N] [--json]
 

@@ -1,4 +1,4 @@
-"""The batch routes of issue 13: get-multiple, get-by-path and batch-get.
+"""The batch routes: get-multiple, get-by-path and batch-get.
 
 Black-box half: the real extension against moto through a counting proxy
 (tests/conftest.py), so each test asserts exactly which AWS calls were made. In-process

@@ -1,34 +1,39 @@
-"""Bounds and hygiene on the request side (issue 9, items 1 and 10-14).
+"""Bounds and hygiene on the request side (docs/pitfalls.md, "What a hostile or broken
+peer does").
 
 Black-box: each test talks to the real extension subprocess over raw sockets (the
-extension's AWS is ``fake_aws.FakeAWS``). What is pinned, copied from issue 9:
+extension's AWS is ``fake_aws.FakeAWS``). What is pinned (docs/http-api.md, "Errors"
+and "Where it listens"; docs/configuration.md, "AWS conventions" and "Refusing to
+start"):
 
-1. The request header block (every header line after the request line, CRLFs
-   included) is capped at 32 KiB (32768 bytes) and at 100 header lines. Over either:
-   431, ``__type`` ``HeadersTooLarge``, ``Connection: close``, connection closed;
-   checked while the headers arrive (the answer comes before the header block ends)
-   and before the token check (no token needed to get 431). ``/ping`` with 31 KiB of
-   headers is still 200; after a 6.4 MB header flood the server still answers
-   ``/ping``. docs/pitfalls.md: ``http.server`` alone reads 100 headers of 64 KiB
-   each (6.4 MB) before any handler code runs.
-10. A repeated ``X-Aws-Parameters-Secrets-Token`` is 400 ``RepeatedHeader`` whatever
-    the order of right and wrong; white space between a header name and its colon, and
-    a line starting with a space or a tab (obs-fold), are 400 ``MalformedHeader`` and
-    the connection closes; ``Forwarded: for=...`` is 400 ``ForwardedRequestRefused``
-    like ``X-Forwarded-For``.
-11. Control characters of a logged path or query key are escaped (``\\x1b``, never the
-    raw byte); an unknown query key is echoed cut to 16 characters, the cut marked
-    ``…`` (U+2026): ``unknown query key 'abcdefghijklmnop…'``; a key that contains the
-    request token, or whose first 16 characters appear in it, is never echoed:
-    ``unknown query key (not shown: it looks like the token)``.
-12. ``::1`` available but its port taken by another process: the extension exits
-    at start (code 2 outside Lambda) with "port N on ::1 is already in use".
-13. ``AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`` not starting with ``/``
-    (``@127.0.0.1:PORT/x`` would make the link-local URL point at 127.0.0.1): start-up
-    is refused (exit 2, the message names the variable) and nothing connects to PORT.
-14. A bad ``AWS_ENDPOINT_URL`` with credentials in it fails start-up with a message
-    that shows neither the password nor ``user:``. (Item 14's IP TTL of accepted
-    sockets cannot be seen from the client side: unit-tested by the lead.)
+* Header caps: the request header block (every header line after the request line,
+  CRLFs included) is capped at 32 KiB (32768 bytes) and at 100 header lines. Over
+  either: 431, ``__type`` ``HeadersTooLarge``, ``Connection: close``, connection
+  closed; checked while the headers arrive (the answer comes before the header block
+  ends) and before the token check (no token needed to get 431). ``/ping`` with 31 KiB
+  of headers is still 200; after a 6.4 MB header flood the server still answers
+  ``/ping``. docs/pitfalls.md: ``http.server`` alone reads 100 headers of 64 KiB each
+  (6.4 MB) before any handler code runs.
+* Header hygiene: a repeated ``X-Aws-Parameters-Secrets-Token`` is 400
+  ``RepeatedHeader`` whatever the order of right and wrong; white space between a
+  header name and its colon, and a line starting with a space or a tab (obs-fold), are
+  400 ``MalformedHeader`` and the connection closes; ``Forwarded: for=...`` is 400
+  ``ForwardedRequestRefused`` like ``X-Forwarded-For``.
+* What logs and errors echo: control characters of a logged path or query key are
+  escaped (``\\x1b``, never the raw byte); an unknown query key is echoed cut to 16
+  characters, the cut marked ``…`` (U+2026): ``unknown query key 'abcdefghijklmnop…'``;
+  a key that contains the request token, or whose first 16 characters appear in it, is
+  never echoed: ``unknown query key (not shown: it looks like the token)``.
+* ``::1`` port taken: when ``::1`` is available but another process holds its port, the
+  extension exits at start (code 2 outside Lambda) with "port N on ::1 is already in
+  use".
+* Relative URI: ``AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`` not starting with ``/``
+  (``@127.0.0.1:PORT/x`` would make the link-local URL point at 127.0.0.1): start-up is
+  refused (exit 2, the message names the variable) and nothing connects to PORT.
+* Endpoint URL with a password: a bad ``AWS_ENDPOINT_URL`` with credentials in it fails
+  start-up with a message that shows neither the password nor ``user:``. (The IP TTL 1
+  of accepted sockets cannot be seen from the client side: tests/test_transport.py
+  checks it.)
 
 Error bodies are always JSON ``{"__type": ..., "message": ...}`` (docs/http-api.md).
 """
@@ -65,7 +70,7 @@ def fake():
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, fake):
     """One extension for every case that needs no special setting (LOG_LEVEL=debug:
-    item 11 checks what even the most verbose log holds)."""
+    the cases on what logs and errors echo check what even the most verbose log holds)."""
     launcher = conftest.ExtensionLauncher(tmp_path_factory)
     ext = launcher(fake.url, env={"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug",
                                   "PARAMETERS_SECRETS_EXTENSION_MAX_CLIENTS": 256})
@@ -232,7 +237,7 @@ def assert_431(answer):
     assert answer.closed, "the connection stayed open after 431"
 
 
-# ------------------------------------------------------- item 1: header caps
+# ------------------------------------------------------- header caps
 
 
 def test_31_kib_of_headers_is_served(ext):
@@ -348,7 +353,7 @@ def test_concurrent_header_floods_do_not_grow_memory(fake, start_extension):
     assert grown_mib < 24, f"peak RSS grew by {grown_mib:.1f} MiB for 16 header floods"
 
 
-# ------------------------------------------------ item 10: header hygiene
+# ------------------------------------------------------- header hygiene
 
 
 def _token_case(token, case):
@@ -410,7 +415,7 @@ def test_forwarded_header_is_refused(ext, fake, value):
     assert fake.calls() == calls
 
 
-# ------------------------------------------------ item 11: what logs and errors echo
+# ------------------------------------------------------- what logs and errors echo
 
 
 def _log_after(ext, before, marker, timeout=5.0):
@@ -455,7 +460,7 @@ def test_unknown_query_key_is_cut_to_16_characters(ext):
     assert status == 400, body
     parsed = json.loads(body)
     assert parsed["__type"] == "UnknownQueryKey"
-    # What follows a ';' is the hint naming the known keys (issue 2), not pinned here.
+    # What follows a ';' is the hint naming the known keys (docs/http-api.md, "Query strings"), not pinned here.
     assert parsed["message"].split(";")[0] == "unknown query key 'abcdefghijklmnop\u2026'"
     assert "abcdefghijklmnopq" not in parsed["message"]
     exchange(ext.port, request("/marker-after-long-key", token=ext.token), close_wait=0.2)
@@ -488,7 +493,7 @@ def test_query_key_like_the_token_is_never_echoed(ext, case):
     assert ext.token not in logged, "the request token was logged"
 
 
-# ------------------------------------------------ item 12: ::1 port taken
+# ------------------------------------------------------- ::1 port taken
 
 
 def _has_ipv6_loopback():
@@ -533,7 +538,7 @@ def test_port_taken_on_ipv6_loopback_fails_start(fake, start_extension):
         squatter.close()
 
 
-# ------------------------------------------------ item 13: relative URI
+# ------------------------------------------------------- relative URI
 
 
 class Sniffer:
@@ -602,7 +607,7 @@ def test_relative_uri_not_starting_with_slash_is_refused(fake, start_extension):
         sniffer.close()
 
 
-# ------------------------------------------------ item 14: endpoint URL with a password
+# ------------------------------------------------------- endpoint URL with a password
 
 
 @pytest.mark.parametrize("url", ["ftp://user:pa55word@host", "http://user:pa55word@"])

@@ -1,42 +1,45 @@
 """Bounds on what AWS (or whatever answers in its place) can make the extension do
-(issue 9, items 3-9).
+(docs/pitfalls.md, "What a hostile or broken peer does").
 
 Black-box: the real extension subprocess against ``fake_aws.FakeAWS`` (scripted per
 name; see its docstring for the hostile kinds), ``fake_credentials.FakeCredentials``
-(a container credentials endpoint that can stall) or moto. What is pinned, copied from
-issue 9:
+(a container credentials endpoint that can stall) or moto. What is pinned
+(docs/design.md, "Retries and budgets"; docs/http-api.md, "Errors", "AWS's errors" and
+"refreshNow"):
 
-3. An AWS answer over 1 MiB (1048576 bytes of body) is 502 ``UpstreamInvalidResponse``
-   and is not read whole (declared Content-Length, chunked and close-delimited bodies
-   alike); it is transient: retried (3 attempts in all), and a cached value is served
-   stale (``X-Parameters-Secrets-Cache: stale``). A body of exactly 1 MiB is served.
-4. One deadline per AWS attempt covers connect, headers and body: with a 1000 ms
-   budget and a body dripping at 10 bytes/s, the caller gets 504 ``UpstreamTimeout``
-   within 1.2 s (both services). Without a budget each attempt ends after 10 s in all
-   however the bytes drip (a drip then an ok answer: 200 after ~10 s). Requests
-   waiting on another request's AWS call for the same key stop at their own deadline.
-5. Container credentials: one fetch has a total deadline of 2 s and never outlasts the
-   request's budget. A silent or dripping endpoint with a 1000 ms budget: 504
-   ``UpstreamTimeout`` within 1.2 s; without a budget: 502 ``CredentialsUnavailable``
-   within ~2.5 s, not retried. An endpoint answering 500 or bad JSON: 502
-   ``CredentialsUnavailable`` at once.
-6. Waiting for one of ``PARAMETERS_SECRETS_EXTENSION_MAX_CONNECTIONS`` outbound
-   connections is not an AWS timeout and is not retried: 503 ``ConnectionsBusy`` when
-   none frees within the budget, and no AWS call for that request.
-7. A 200 answer of the wrong shape is 502 ``UpstreamInvalidResponse``, transient
-   (retried: 3 calls when always bad; 200 when bad then ok; stale when cached), never
-   a 500. Error answers whose body is deeply nested JSON or garbage give AWS's status
-   with ``__type`` ``UnknownError``.
-8. A connection to AWS is reused only after one complete, expected answer: after an
-   interim ``103``, an unexpected status or bytes left over, no later answer may hold
-   another name's value. An answer for another name than the one asked is 502
-   ``UpstreamInvalidResponse`` and not cached; names, ARNs and partial secret ARNs
-   that do designate the one asked are accepted.
-9. ``refreshNow=true`` makes at most one AWS call per second per key: a refreshNow
-   less than 1 s after the previous refresh-made call gets that call's result
-   (``X-Parameters-Secrets-Cache: hit``); the first refreshNow after an ordinary fetch
-   always calls AWS; a 3 s loop makes at most 4 calls. A non-transient error on refresh
-   (not found, access denied) drops the cached value.
+* Answers over 1 MiB: an AWS answer over 1 MiB (1048576 bytes of body) is 502
+  ``UpstreamInvalidResponse`` and is not read whole (declared Content-Length, chunked
+  and close-delimited bodies alike); it is transient: retried (3 attempts in all), and
+  a cached value is served stale (``X-Parameters-Secrets-Cache: stale``). A body of
+  exactly 1 MiB is served.
+* One deadline per attempt, covering connect, headers and body: with a 1000 ms budget
+  and a body dripping at 10 bytes/s, the caller gets 504 ``UpstreamTimeout`` within
+  1.2 s (both services). Without a budget each attempt ends after 10 s in all however
+  the bytes drip (a drip then an ok answer: 200 after ~10 s). Requests waiting on
+  another request's AWS call for the same key stop at their own deadline.
+* Container credentials: one fetch has a total deadline of 2 s and never outlasts the
+  request's budget. A silent or dripping endpoint with a 1000 ms budget: 504
+  ``UpstreamTimeout`` within 1.2 s; without a budget: 502 ``CredentialsUnavailable``
+  within ~2.5 s, not retried. An endpoint answering 500 or bad JSON: 502
+  ``CredentialsUnavailable`` at once.
+* Connections busy: waiting for one of ``PARAMETERS_SECRETS_EXTENSION_MAX_CONNECTIONS``
+  outbound connections is not an AWS timeout and is not retried: 503
+  ``ConnectionsBusy`` when none frees within the budget, and no AWS call for that
+  request.
+* Wrong shapes: a 200 answer of the wrong shape is 502 ``UpstreamInvalidResponse``,
+  transient (retried: 3 calls when always bad; 200 when bad then ok; stale when
+  cached), never a 500. Error answers whose body is deeply nested JSON or garbage give
+  AWS's status with ``__type`` ``UnknownError``.
+* Connection reuse, names: a connection to AWS is reused only after one complete,
+  expected answer: after an interim ``103``, an unexpected status or bytes left over,
+  no later answer may hold another name's value. An answer for another name than the
+  one asked is 502 ``UpstreamInvalidResponse`` and not cached; names, ARNs and partial
+  secret ARNs that do designate the one asked are accepted.
+* refreshNow's rate: ``refreshNow=true`` makes at most one AWS call per second per key:
+  a refreshNow less than 1 s after the previous refresh-made call gets that call's
+  result (``X-Parameters-Secrets-Cache: hit``); the first refreshNow after an ordinary
+  fetch always calls AWS; a 3 s loop makes at most 4 calls. A non-transient error on
+  refresh (not found, access denied) drops the cached value.
 
 Error bodies are always JSON ``{"__type": ..., "message": ...}`` (docs/http-api.md).
 """
@@ -174,7 +177,7 @@ def first_non_hit(ext, path, timeout=10.0):
     return wait_for(probe, timeout=timeout, interval=0.05, message="the TTL to run out")
 
 
-# ------------------------------------------------------- item 3: answers over 1 MiB
+# ------------------------------------------------------- answers over 1 MiB
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked", "close"])
@@ -259,7 +262,7 @@ def test_answer_over_1_mib_serves_stale(short_ttl, key):
     assert value_of("ssm", body) == "cached-value"
 
 
-# ------------------------------------------------------- item 4: one deadline per attempt
+# ------------------------------------------------------- one deadline per attempt
 
 
 @pytest.mark.parametrize("service", ["ssm", "secretsmanager"])
@@ -316,7 +319,7 @@ def test_without_budget_an_attempt_ends_after_10_seconds(plain, key):
     assert 9.5 <= elapsed < 15.0, f"answered after {elapsed:.2f} s"
 
 
-# ------------------------------------------------------- item 5: container credentials
+# ------------------------------------------------------- container credentials
 
 
 @pytest.fixture
@@ -390,7 +393,7 @@ def test_working_credentials_endpoint_signs_the_call(on_container_credentials):
     assert f"Credential={ACCESS_KEY_ID}/" in auth, auth
 
 
-# ------------------------------------------------------- item 6: connections busy
+# ------------------------------------------------------- connections busy
 
 
 def test_a_request_waiting_for_the_only_connection_gets_it_when_it_frees(start_extension):
@@ -420,7 +423,7 @@ def test_a_request_waiting_for_the_only_connection_gets_it_when_it_frees(start_e
         assert hog["answer"][0] == 504
 
 
-# ------------------------------------------------------- item 7: wrong shapes
+# ------------------------------------------------------- wrong shapes
 
 
 def _param(**changes):
@@ -563,7 +566,7 @@ def test_error_answer_with_a_bad_body_is_a_clean_error(plain, key, status, case)
     assert fake.calls(name=key) == (1 if status == 400 else 3)
 
 
-# ------------------------------------------------------- item 8: connection reuse, names
+# ------------------------------------------------------- connection reuse, names
 
 
 def _no_foreign_values(answers):
@@ -731,7 +734,7 @@ def test_secret_answers_for_the_id_asked_are_served(plain, asked):
     assert parsed["ARN"] == (asked if asked.endswith("-AbC123") else ARN_SM + "acc/s-AbCdEf")
 
 
-# ------------------------------------------------------- item 9: refreshNow's rate
+# ------------------------------------------------------- refreshNow's rate
 
 
 def test_refresh_now_loop_makes_at_most_4_calls_in_3_seconds(plain, key):

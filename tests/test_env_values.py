@@ -1,4 +1,4 @@
-"""Values in environment variables: the layer's runtime wrapper (issue 14).
+"""Values in environment variables: the layer's runtime wrapper.
 
 Contract (docs/env-values.md): with ``AWS_LAMBDA_EXEC_WRAPPER=/opt/<name>/wrapper``,
 Lambda starts the runtime as ``wrapper <runtime command...>`` once every extension has

@@ -1,4 +1,4 @@
-"""Keep-alive connections as Lambda's frozen functions and real clients use them (issue 10).
+"""Keep-alive connections as Lambda's frozen functions and real clients use them.
 
 Between two invocations Lambda freezes every process of the environment, for seconds or
 hours, and the monotonic clock runs on (docs/pitfalls.md, "Lambda's real life"): an idle

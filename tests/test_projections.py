@@ -1,5 +1,5 @@
-"""jsonKey and format=raw on /systemsmanager/parameters/get and /secretsmanager/get
-(issue 13), against moto through a counting proxy, plus the answer bytes in process.
+"""jsonKey and format=raw on /systemsmanager/parameters/get and /secretsmanager/get,
+against moto through a counting proxy, plus the answer bytes in process.
 
 Facts checked here, and where they are written down (docs/http-api.md, "jsonKey and
 format=raw"):

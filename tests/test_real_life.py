@@ -1,4 +1,4 @@
-"""Lambda's real life: freezes, SnapStart restores, wall-clock jumps, prompt shutdown (issue 10).
+"""Lambda's real life: freezes, SnapStart restores, wall-clock jumps, prompt shutdown.
 
 Facts (docs/pitfalls.md, "Lambda's real life"; docs/design.md):
 
@@ -340,7 +340,7 @@ def test_fake_lambda_moves_the_wall_clock_only(make_lambda, aws, tmp_path, libfa
     assert ext.delivered[-1]["deadlineMs"] > (wall + THREE_DAYS) * 1000  # on the moved clock
 
 
-# ===================================================================== item 3: wall clock
+# ===================================================================== wall clock
 
 
 def test_wall_clock_past_the_ttl_makes_the_next_request_a_miss(start_extension, aws, wall_clock):
@@ -457,7 +457,7 @@ def test_restore_days_later_through_lambda(make_lambda, aws, creds, tmp_path, li
     assert len(restore_lines(lam.logs(f"ext-{NAME}"))) == 1
 
 
-# ===================================================================== item 4: shutdown
+# ===================================================================== shutdown
 
 
 @pytest.mark.parametrize("idle_connection", [False, True], ids=["no-connection", "idle-keep-alive"])
@@ -543,7 +543,7 @@ def test_lambda_shutdown_lets_the_request_in_flight_finish(make_lambda, aws, tmp
     assert exited_at - box["at_ms"] < 1000, "the exit lagged the last answer by more than 1 s"
 
 
-# ===================================================================== item 5: freezes
+# ===================================================================== freezes
 
 
 # A function keeping one http.client connection and one urllib3 pool (botocore's HTTP
