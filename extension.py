@@ -1766,43 +1766,17 @@ class Store:
     def get(self, key, call, ttl, refresh=False, deadline=None):
         """(value, cache status) for key, status one of hit / miss / stale / bypass.
         call() makes the AWS call and returns the value; ttl 0 means this key is never
-        cached; deadline (monotonic, or None) bounds any wait for another request's call."""
+        cached; deadline (monotonic, or None) bounds any wait for another request's call.
+        The rules are get_many's, for one key; a hit takes the short way."""
         if ttl and not refresh:
             value = self.cache.get(key)
             if value is not None:
                 self.stats.add("hits")
                 return value, "hit"
-        if ttl and refresh:
-            recent = self._recent_refresh(key)
-            if recent is not None:
-                value, error = recent
-                if error is not None:
-                    return self._stale_or_raise(key, ttl, error)
-                self.stats.add("hits")
-                return value, "hit"
-        with self._lock:
-            flight = self._flights.get(key)
-            leader = flight is None
-            if leader:
-                flight = self._flights[key] = _Flight()
-        if not leader:
-            wait = WAIT_WITHOUT_BUDGET if deadline is None else deadline - self.clock()
-            if not flight.done.wait(max(0.0, wait)):
-                self.stats.add("errors")
-                return self._stale_or_raise(key, ttl, UpstreamTimeout("waited for another request's AWS call"))
-            if flight.error is not None:
-                raise flight.error
-            return flight.value, flight.cache_status
-        try:
-            flight.value, flight.cache_status = self._miss(key, call, ttl, refresh)
-        except BaseException as error:
-            flight.error = error
-            raise
-        finally:
-            with self._lock:
-                del self._flights[key]
-            flight.done.set()
-        return flight.value, flight.cache_status
+        outcome = self.get_many([key], lambda keys: {key: call()}, ttl, refresh, deadline)[key]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def get_many(self, keys, call, ttl, refresh=False, deadline=None):
         """{key: (value, cache status) or the UpstreamError for it} for distinct keys, under
@@ -1916,32 +1890,6 @@ class Store:
             return self._stale_or_raise(key, ttl, error)
         except UpstreamError as raised:
             return raised
-
-    def _miss(self, key, call, ttl, refresh):
-        if ttl and not refresh:
-            value = self.cache.get(key)  # filled by a flight that ended while we queued
-            if value is not None:
-                self.stats.add("hits")
-                return value, "hit"
-        self.stats.add("misses")
-        started = self.clock()
-        try:
-            value = call()
-        except UpstreamError as error:
-            self.stats.add("errors")
-            if not error.transient:
-                self.cache.discard(key)  # AWS says it is gone or not ours: never serve it again
-            if ttl and refresh:
-                self._remember_refresh(key, started, None, error)
-            return self._stale_or_raise(key, ttl, error)
-        if ttl and refresh:
-            self._remember_refresh(key, started, value, None)
-        elif ttl:
-            self._forget_refresh(key)  # the first refreshNow after an ordinary fetch calls AWS
-        if not ttl:
-            return value, "bypass"
-        self.cache.put(key, value, ttl)
-        return value, "miss"
 
     def _stale_or_raise(self, key, ttl, error):
         stale = self.cache.get_stale(key) if ttl and error.transient else None
