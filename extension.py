@@ -1983,8 +1983,7 @@ def _single_values(pairs, allowed):
                 close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.75)
                 hint = close[0] if close else None
             suffix = f"; did you mean {hint!r}?" if hint else f"; known keys: {', '.join(allowed)}"
-            echoed = key[:ECHOED_KEY_LENGTH] + ("\u2026" if len(key) > ECHOED_KEY_LENGTH else "")
-            raise UnknownQueryKey(key, f"unknown query key {echoed!r}{suffix}")
+            raise UnknownQueryKey(key, f"unknown query key {shown(key, ECHOED_KEY_LENGTH)!r}{suffix}")
         if key in values:
             raise ClientError(400, "RepeatedQueryKey", f"query key {key!r} is given more than once")
         values[key] = value
@@ -2046,7 +2045,7 @@ def json_member(text, json_key):
         document = json.loads(text, parse_constant=_no_constant) if text is not None else None
     except (ValueError, RecursionError):
         document = None
-    shown_key = json_key[:100] + ("\u2026" if len(json_key) > 100 else "")
+    shown_key = shown(json_key, 100)
     if not isinstance(document, dict):
         raise ClientError(400, "ValueNotJsonObject", f"the value is not a JSON object, so it has no key {shown_key!r}")
     if json_key not in document:
