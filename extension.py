@@ -2453,6 +2453,9 @@ class Service:
         self.wall = wall
         self._token = (config.request_token or "").encode("utf-8", "surrogateescape")
         self._token_text = config.request_token or ""
+        # What an answer or a log line must never quote. A token this short (a local
+        # AWS_TOKEN such as "x") would be found in anything, so it is not looked for.
+        self._guarded_token = self._token if len(self._token) >= 8 else None
         cache = TTLCache(config.cache_size, config.max_stale_seconds, clock, wall)
         self.store = Store(cache, self.stats, log, clock)
         cached = config.cache_enabled and config.cache_size > 0
@@ -2503,7 +2506,7 @@ class Service:
                 error = UnknownQueryKey(error.key, "unknown query key (not shown: it looks like the token)")
             self._log_failure(method, target, request, error)
             status, extra, body = error_answer(error)
-            if self._token_text and len(self._token_text) >= 8 and self._token_text.encode() in body:
+            if self._quotes_token(body):
                 # An AWS message that quotes a name which is the token pasted by mistake.
                 status, extra, body = error_answer(HttpError(status, getattr(error, "error_type", "InternalError"),
                                                              "(message withheld: it quoted the request token)"))
@@ -2513,10 +2516,13 @@ class Service:
         # Constant time over the content: a wrong last byte takes as long as a wrong first.
         return hmac.compare_digest(given.encode("latin-1", "replace"), self._token)
 
+    def _quotes_token(self, data):
+        return self._guarded_token is not None and self._guarded_token in data
+
     def refuse_token_echo(self, listed):
         """Refuse a batch answer whose list of failed items quotes the request token (a
         token pasted as a name): like an error body, it must never carry it back."""
-        if self._token_text and len(self._token_text) >= 8 and self._token_text.encode() in listed:
+        if self._quotes_token(listed):
             raise ClientError(400, "InvalidQueryValue", "(message withheld: an item asked is the request token)")
 
     def _looks_like_token(self, key):
@@ -2538,14 +2544,17 @@ class Service:
                            f"{error.status} {error.error_type}: {self._redacted(shown(error))}")
 
     def _redacted(self, text):
-        token = self._token_text
-        return text.replace(token, "(token)") if token and len(token) >= 8 else text
+        return text.replace(self._token_text, "(token)") if self._guarded_token is not None else text
+
+    def _deadline(self, aws_service):
+        """When a request to aws_service that starts now must be answered (None: no budget)."""
+        budget = self.budget[aws_service]
+        return self.clock() + budget if budget else None
 
     def get(self, lookup):
         """(value, cache status) for a parsed request, within its service's budget."""
         client = self.clients[lookup.aws_service]
-        budget = self.budget[lookup.aws_service]
-        deadline = self.clock() + budget if budget else None
+        deadline = self._deadline(lookup.aws_service)
 
         def call():
             return lookup.fetch(client, deadline)
@@ -2556,8 +2565,7 @@ class Service:
         """{key: (value, cache status) or error} for a batch request's keys, within its
         service's budget (one deadline for every AWS call the batch makes)."""
         client = self.clients[batch.aws_service]
-        budget = self.budget[batch.aws_service]
-        deadline = self.clock() + budget if budget else None
+        deadline = self._deadline(batch.aws_service)
 
         def call(keys):
             return batch.fetch(client, keys, deadline)
