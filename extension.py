@@ -98,6 +98,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 # ---------------------------------------------------------------------------
 # Early start: listening and registered before anything else is imported
@@ -105,11 +106,12 @@ import sys
 #
 # Lambda starts the function's runtime only once every extension has registered, so all
 # that runs before /register is paid on every cold start (docs/design.md, "Cold start").
-# This section needs nothing but errno, os, signal, socket and sys: it binds the listening sockets (a
-# request the function sends before serving begins waits in the listen backlog, never
-# refused) and registers with a few lines of HTTP/1.1 written by hand. The rest of the
-# file is then imported while Lambda starts the runtime. A failure here is only noted:
-# it is reported once the rest is loaded (after /register, with /init/error and its type).
+# This section needs nothing but errno, os, signal, socket, sys and time: it binds the
+# listening sockets (a request the function sends before serving begins waits in the
+# listen backlog, never refused) and registers with a few lines of HTTP/1.1 written by
+# hand. The rest of the file is then imported while Lambda starts the runtime. A failure
+# here is only noted: it is reported once the rest is loaded (after /register, with
+# /init/error and its type).
 
 DEFAULT_NAME = "parameters-secrets-extension"
 DEFAULT_PORT = 2773
@@ -142,8 +144,8 @@ def limit_hops(sock):
 def bind_loopback(port):
     """([listening sockets], problem): 127.0.0.1, and ::1 where the host has it, at port.
     problem is None, or (Lambda error type, message) naming the address that could not be
-    bound; then no socket is kept. ::1 held by another process is a problem, not a detail: callers whose
-    `localhost` is ::1 would hand that process their token."""
+    bound; then no socket is kept. ::1 held by another process is a problem, not a
+    detail: callers whose `localhost` is ::1 would hand that process their token."""
     sockets = []
     for family, address, shown_host in ((socket.AF_INET, ("127.0.0.1", port), "127.0.0.1"),
                                         (socket.AF_INET6, ("::1", port, 0, 0), "::1")):
@@ -186,17 +188,23 @@ def runtime_api_address(runtime_api):
     return name, int(port)
 
 
-def register(runtime_api, name):
-    """POST /2020-01-01/extension/register, by hand: (status, identifier or None, body).
-    Raises OSError when Lambda cannot be reached; ValueError for a malformed address."""
+def register(runtime_api, name, timeout=REGISTER_TIMEOUT_SECONDS):
+    """POST /2020-01-01/extension/register, by hand: (status, identifier or None, body),
+    the whole exchange within timeout seconds. Raises OSError when Lambda cannot be
+    reached or does not answer in time; ValueError for a malformed address."""
     host, port = runtime_api_address(runtime_api)
     request = (f"POST /2020-01-01/extension/register HTTP/1.1\r\nHost: {runtime_api}\r\n"
                f"Lambda-Extension-Name: {name}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(REGISTER_BODY)}\r\nConnection: close\r\n\r\n").encode("latin-1")
     answer = b""
-    with socket.create_connection((host, port), REGISTER_TIMEOUT_SECONDS) as sock:
+    deadline = time.monotonic() + timeout
+    with socket.create_connection((host, port), timeout) as sock:
         sock.sendall(request + REGISTER_BODY)
         while len(answer) <= MAX_REGISTER_ANSWER:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("Lambda did not answer /register in time")
+            sock.settimeout(remaining)
             chunk = sock.recv(65536)
             if not chunk:
                 break
@@ -250,7 +258,6 @@ import re
 import select
 import selectors
 import threading
-import time
 from collections import OrderedDict, namedtuple
 from datetime import datetime, timezone
 from urllib.parse import quote, unquote_to_bytes, urlsplit
@@ -850,8 +857,6 @@ def sign_request(method, url, headers, body, credentials, region, service, now):
 # AWS answers are small: a parameter value is at most 8 KB, a secret 64 KB; with the
 # metadata well under 100 KB. Anything over this is refused unread (docs/pitfalls.md).
 MAX_ANSWER_BYTES = 1024 * 1024
-
-
 MAX_ANSWER_HEAD = 64 * 1024  # status line and headers of one answer
 MAX_CHUNK_LINE = 1024
 
@@ -867,7 +872,6 @@ class HttpConnection:
     needed here, one request and one answer of known framing at a time, is short."""
 
     def __init__(self, scheme, host, port, deadline):
-        self.host = host
         self.buffer = b""  # answer bytes received and not yet taken
         sock = socket.create_connection((host, port), _remaining(deadline))
         try:
@@ -1171,19 +1175,18 @@ class CredentialProvider:
 
     def _from_container(self, deadline):
         c = self.config
-        url = self.container_url()
-        headers = [("Host", urlsplit(url).netloc), ("Accept", "application/json")]
+        parts = urlsplit(self.container_url())
+        headers = [("Host", parts.netloc), ("Accept", "application/json")]
         token = c.container_token
         if c.container_token_file:
             try:  # read on every refresh: the platform may rotate the file
                 with open(c.container_token_file, encoding="utf-8") as token_file:
-                    token = token_file.read().strip()
+                    token = token_file.read(MAX_CREDENTIALS_BYTES).strip()  # a token, not a file's worth
             except OSError as error:
                 raise CredentialsError(
                     f"cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: {error.strerror}") from error
         if token:
             headers.append(("Authorization", token))
-        parts = urlsplit(url)
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         connection = None
         try:
@@ -1258,8 +1261,6 @@ BACKOFF_CAP = 1.0         # a Lambda caller waits: never sleep longer than this
 ATTEMPT_TIMEOUT_WITHOUT_BUDGET = 10.0
 IDLE_CONNECTION_SECONDS = 20.0  # AWS closes idle keep-alive connections; do not reuse older
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
-
-
 AWS_ERROR_TYPE = re.compile(r"[A-Za-z0-9_.:#-]{1,256}")
 
 
@@ -1298,7 +1299,6 @@ class ServiceClient:
     def __init__(self, aws_service, endpoint, region, credentials, max_connections, stats, log,
                  clock=time.monotonic, sleep=time.sleep):
         self.aws_service = aws_service
-        self.endpoint = endpoint
         self.parts = urlsplit(endpoint)
         self.path = self.parts.path or "/"
         self.url = endpoint if self.parts.path else endpoint + "/"
@@ -1415,8 +1415,8 @@ class ServiceClient:
 # time.gmtime would fail on it).
 MAX_TIMESTAMP = 253402300799.0
 PARAMETER_TYPES = ("String", "StringList", "SecureString")
-# A selector after the last ':' of a name: a version number or a label.
 SECRET_REFERENCE = "/aws/reference/secretsmanager/"
+# A selector after the last ':' of a name: a version number or a label.
 SELECTOR_SUFFIX = re.compile(r"(.+):([A-Za-z0-9_.-]{1,100})")
 
 

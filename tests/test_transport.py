@@ -8,6 +8,7 @@ Listener runs on 127.0.0.1 with a free port and a thread starter the test contro
 import io
 import socket
 import threading
+import time
 
 import pytest
 
@@ -263,3 +264,29 @@ def test_runtime_api_addresses(value, expected):
 def test_malformed_runtime_api_addresses(value):
     with pytest.raises(ValueError, match=r"^AWS_LAMBDA_RUNTIME_API=.* is not host:port$"):
         extension.runtime_api_address(value)
+
+
+def test_register_ends_by_its_deadline_however_lambda_drips():
+    # One byte every 50 ms never leaves the socket silent for the 0.3 s timeout: only a
+    # deadline on the whole exchange ends it.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        stop = threading.Event()
+
+        def drip():
+            connection, _ = server.accept()
+            with connection:
+                for byte in b"HTTP/1.1 200 OK\r\n" * 20:
+                    if stop.wait(0.05):
+                        return
+                    connection.sendall(bytes([byte]))
+
+        threading.Thread(target=drip, daemon=True).start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(socket.timeout):
+                extension.register(f"127.0.0.1:{server.getsockname()[1]}", "name", timeout=0.3)
+        finally:
+            stop.set()
+        assert time.monotonic() - started < 1.0
