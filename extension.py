@@ -2673,13 +2673,11 @@ def read_request_head(rfile):
             break
         if len(headers) >= MAX_HEADER_LINES:
             raise ClientError(431, "HeadersTooLarge", f"more than {MAX_HEADER_LINES} header lines")
-        if line[:1] in (b" ", b"\t"):
-            # Obsolete line folding: RFC 9112 section 5.2 lets a server refuse it.
-            raise ClientError(400, "MalformedHeader", "a header line starts with white space (line folding)")
         name, colon, value = line.partition(b":")
         if not colon or not HEADER_NAME.fullmatch(name):
-            # "X-Forwarded-For : x" included: RFC 9112 section 5.1 says to refuse white
-            # space before the colon, since proxies and servers read such names differently.
+            # White space in a name is refused, so this refuses "X-Forwarded-For : x" (RFC
+            # 9112 section 5.1: proxies and servers read such names differently) and a
+            # folded line, which starts with white space (section 5.2 lets a server refuse).
             raise ClientError(400, "MalformedHeader", "a header line is not 'Name: value'")
         headers.append((name.decode("ascii").lower(), value.strip(b" \t\r\n").decode("latin-1")))
     return method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"), headers
