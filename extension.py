@@ -292,10 +292,10 @@ class UnknownQueryKey(ClientError):
 
 class UpstreamError(HttpError):
     """A failed AWS call. transient: a stale value may answer instead; retryable: another
-    attempt may succeed (the SDKs' standard retry mode)."""
+    attempt may succeed (the SDKs' standard retry mode); throttling: AWS refused the call
+    for the account's rate, which has a retry policy of its own (docs/design.md, "Throttling")."""
 
-    transient = False
-    retryable = False
+    transient = retryable = throttling = False
 
 
 # The AWS SDKs' throttling error codes (standard retry mode).
@@ -312,7 +312,8 @@ class AwsError(UpstreamError):
 
     def __init__(self, status, error_type, message):
         super().__init__(status, error_type, message, f"{error_type} ({status})")
-        self.transient = self.retryable = status >= 500 or status == 429 or error_type in THROTTLING_ERRORS
+        self.throttling = status == 429 or error_type in THROTTLING_ERRORS
+        self.transient = self.retryable = status >= 500 or self.throttling
 
 
 class ItemError(AwsError):
@@ -1254,6 +1255,25 @@ class CredentialProvider:
 MAX_ATTEMPTS = 3          # the SDKs' standard retry mode: three attempts in all
 BACKOFF_BASE = 0.05       # seconds; full jitter: sleep uniform(0, base * 2 ** attempt)
 BACKOFF_CAP = 1.0         # a Lambda caller waits: never sleep longer than this
+# Throttling is not a fault but a shared quota (Parameter Store: about 40 calls a second
+# per account and Region), so a throttled call is retried for as long as its window
+# lasts: the caller's budget, or without one THROTTLE_WINDOW seconds from the first
+# attempt, which ends inside Lambda's 10 s INIT. Full jitter on the SDKs' standard scale
+# (1 s * 2 ** retry, 20 s at most), shrunk by the cube of the share of the window left,
+# at least THROTTLE_FLOOR and at most half of what is left: a call that has waited longer
+# retries more often, so it wins more of the quota's tokens than younger calls across
+# the fleet, and every call gets attempts until its window ends (docs/design.md, "Throttling").
+THROTTLE_BASE = 1.0
+THROTTLE_CAP = 20.0
+THROTTLE_FLOOR = 0.02
+THROTTLE_WINDOW = 8.0
+# And each process slows itself, as the SDKs' adaptive mode does: for PACE_SECONDS after
+# a throttle, its calls to that service take turns from a bucket of PACE_RATE a second
+# (PACE_BURST at once), so that its concurrent requests retry at the pace of a few, not
+# all at once. A call past half of its window is not held back: its age must keep it ahead.
+PACE_SECONDS = 2.0
+PACE_RATE = 5.0
+PACE_BURST = 5
 # With no budget configured (TIMEOUT_MILLIS=0, "no timeout" officially), each attempt
 # still ends this long after it began, however the bytes drip: a black-holed or dripping
 # connection must not hang a caller forever. The SDKs' defaults (60 s) are longer than
@@ -1288,16 +1308,27 @@ def aws_error(status, data):
     return AwsError(status, error_type, message[:1024])
 
 
+def throttle_backoff(retry, remaining, window, uniform):
+    """Seconds to wait before retry number `retry` of a throttled call that has `remaining`
+    of its `window` seconds left, or None when no retry fits (the rule above THROTTLE_BASE).
+    uniform(low, high): the random draw."""
+    if remaining < 2 * THROTTLE_FLOOR:
+        return None
+    bound = min(THROTTLE_CAP, THROTTLE_BASE * 2 ** (retry - 1)) * (remaining / window) ** 3
+    return uniform(0, min(max(THROTTLE_FLOOR, bound), remaining / 2))
+
+
 class ServiceClient:
     """Calls one AWS service's JSON 1.1 API (aws_service: "ssm" or "secretsmanager").
 
     At most max_connections connections are open at once (self._connections); idle ones
-    are kept for reuse in self._idle. Lock rule: self._lock guards self._idle only, and
-    no lock is held during network I/O. clock and sleep are injectable (as in sched) so
-    that the budget arithmetic is tested without waiting."""
+    are kept for reuse in self._idle. Lock rule: self._lock guards self._idle and the
+    pacing state (_throttled_at, _pace) only, and no lock is held during network I/O or a
+    sleep. clock, sleep and draw are injectable (as in sched) so that the budget
+    arithmetic is tested without waiting."""
 
     def __init__(self, aws_service, endpoint, region, credentials, max_connections, stats, log,
-                 clock=time.monotonic, sleep=time.sleep):
+                 clock=time.monotonic, sleep=time.sleep, draw=None):
         self.aws_service = aws_service
         self.parts = urlsplit(endpoint)
         self.path = self.parts.path or "/"
@@ -1308,31 +1339,69 @@ class ServiceClient:
         self.log = log
         self.clock = clock
         self.sleep = sleep
+        self.draw = draw           # uniform(low, high) for the jitter; random's, imported at the first retry
         self._connections = threading.BoundedSemaphore(max_connections)
         self._idle = []            # [(connection, last used)]; newest last
+        self._throttled_at = -PACE_SECONDS  # when this service last throttled a call (clock)
+        self._pace = 0.0           # the pacing bucket's next free turn (clock; GCRA)
         self._lock = threading.Lock()
 
     def call(self, target, payload, deadline, shape):
         """One API call with retries inside the caller's deadline (monotonic, or None for
         no budget). shape(answer) checks the decoded JSON and returns what to serve; it
-        raises UpstreamInvalidResponse, which is retried like any transient fault."""
+        raises UpstreamInvalidResponse, which is retried like any transient fault. Faults
+        get MAX_ATTEMPTS quick attempts; throttling is retried until the call's window ends,
+        and then (or when the budget is spent) AWS's own error is raised, status and type
+        unchanged."""
         body = json.dumps(payload).encode("utf-8")
         credentials = self.credentials.get(deadline)
-        attempt = 0
+        first = self.clock()
+        window = (deadline if deadline is not None else first + THROTTLE_WINDOW) - first
+        faults = throttles = 0
+        wait = 0.0
         while True:
-            attempt += 1
+            now = self.clock()
+            wait = self._turn(now + wait, first + window / 2) - now
+            if wait > 0:
+                self.sleep(wait)
             try:
-                return shape(self._attempt(target, body, credentials, deadline, MAX_ATTEMPTS - attempt + 1))
+                return shape(self._attempt(target, body, credentials, deadline, MAX_ATTEMPTS - faults))
             except UpstreamError as error:
-                if not error.retryable or attempt >= MAX_ATTEMPTS:
+                now = self.clock()
+                if error.throttling:
+                    throttles += 1
+                    with self._lock:
+                        self._throttled_at = now
+                    wait = throttle_backoff(throttles, first + window - now, window, self._uniform)
+                elif error.retryable and faults + 1 < MAX_ATTEMPTS:
+                    faults += 1
+                    wait = self._uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** faults))
+                else:
                     raise
-                import random  # only on the retry path
+                if wait is None or (deadline is not None and now + wait >= deadline):
+                    raise  # no time left for another attempt within the call's window or budget
+                self.log.debug(f"{target} attempt {faults + throttles} failed ({error}); "
+                               f"retrying in {wait * 1000:.0f} ms")
 
-                delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))
-                if deadline is not None and self.clock() + delay >= deadline:
-                    raise  # no time left for another attempt within the caller's budget
-                self.log.debug(f"{target} attempt {attempt} failed ({error}); retrying in {delay * 1000:.0f} ms")
-                self.sleep(delay)
+    def _uniform(self, low, high):
+        if self.draw is None:
+            import random  # only on the retry path: not at every cold start
+
+            self.draw = random.uniform
+        return self.draw(low, high)
+
+    def _turn(self, at, latest):
+        """When an attempt wanted at `at` (clock) may start: then, unless this service
+        throttled a call within PACE_SECONDS; else at its turn in the pacing bucket, unless
+        that turn comes after latest (half of the call's window: not held back)."""
+        with self._lock:
+            if at - self._throttled_at >= PACE_SECONDS:
+                return at
+            turn = max(at, self._pace - (PACE_BURST - 1) / PACE_RATE)
+            if turn > latest:
+                return at
+            self._pace = max(self._pace, turn) + 1 / PACE_RATE
+            return turn
 
     def attempt_deadline(self, deadline, attempts_left):
         """When this attempt must end. An attempt that is not the last gets half of what is
@@ -1742,8 +1811,10 @@ class _Flight:
 # second by default). docs/http-api.md, "refreshNow".
 REFRESH_INTERVAL = 1.0
 # How long a request with no budget waits for another request's AWS call for the same
-# key: longer than that call can last (its attempts, backoffs and a credentials fetch).
-WAIT_WITHOUT_BUDGET = MAX_ATTEMPTS * (ATTEMPT_TIMEOUT_WITHOUT_BUDGET + BACKOFF_CAP) + CREDENTIALS_FETCH_SECONDS
+# key: longer than that call can last (throttled retries start within THROTTLE_WINDOW;
+# then its attempts, backoffs and a credentials fetch).
+WAIT_WITHOUT_BUDGET = (THROTTLE_WINDOW + MAX_ATTEMPTS * (ATTEMPT_TIMEOUT_WITHOUT_BUDGET + BACKOFF_CAP)
+                       + CREDENTIALS_FETCH_SECONDS)
 
 
 class Store:
@@ -1883,6 +1954,12 @@ class Store:
             else:
                 flight.error = outcome
             results[key] = outcome
+
+    def fill(self, key, value, ttl):
+        """Cache value under key, fetched by a call made for another key (a tree's
+        parameters, fetched for its path); nothing with ttl 0."""
+        if ttl:
+            self.cache.put(key, value, ttl)
 
     def _stale_or_error(self, key, ttl, error):
         """(stale value, "stale") when one may answer for a transient error, else the error."""
@@ -2185,116 +2262,149 @@ class PathLookup(Lookup):
         raise UpstreamInvalidResponse("GetParametersByPath pages that do not end")
 
 
-class ParameterBatch:
-    """get-multiple: names [(asked text, name, selector)], each in the cache entry /get
-    uses for that name, selector and decryption (keys, in the same order)."""
+def split_selector(text):
+    """(name, selector or None) of a name as GetParameters takes it: '/a:3' is ('/a', ':3'),
+    the key /get uses for name=/a&version=3. A Secrets Manager reference by ARN ends in the
+    secret's name after ':secret:', which is no selector."""
+    match = SELECTOR_SUFFIX.fullmatch(text) if ":" in text else None
+    if match is None or match.group(1).endswith(":secret"):
+        return text, None
+    return match.group(1), ":" + match.group(2)
 
-    aws_service = "ssm"
-    __slots__ = ("names", "keys", "decrypt", "refresh")
 
-    def __init__(self, names, decrypt, refresh):
-        self.names = names
-        self.keys = [("ssm", name, selector, decrypt) for _, name, selector in names]
-        self.decrypt = decrypt
+class Batch:
+    """A batch of items (texts: names or ids as asked), each read from and stored in the
+    /get cache entry of that item (keys, in the same order), fetched in as few calls of
+    the batch action (target) as it allows, made at the same time. get-multiple,
+    batch-get and prefetch groups are batches. A subclass says how items share calls
+    (chunks, payload, split) and how an item is shown in the batch answer (entry, listed)."""
+
+    __slots__ = ("texts", "keys", "refresh")
+
+    def __init__(self, texts, keys, refresh):
+        self.texts = texts
+        self.keys = keys
         self.refresh = refresh
 
     def describe(self):
-        return f"ssm {len(self.names)} names, first {shown(self.names[0][0])!r}"
+        return f"{self.aws_service} {len(self.texts)} items, first {shown(self.texts[0])!r}"
 
     def fetch(self, client, keys, deadline):
-        """{key: body or error} for keys: GetParameters calls of 10 names, made concurrently."""
+        """{key: body or error} for keys (those of this batch that this request leads)."""
         asked = set(keys)
-        chunks, bases = [], []
-        for entry, key in zip(self.names, self.keys):
-            if key not in asked:
-                continue
-            # One parameter at most once a call: an answer names /a without its selector
-            # (moto never echoes it; in any order), so /a, /a:1 and /a:prod in one call
-            # could not be told apart. Asking for several versions of one parameter costs
-            # a call each; distinct names fill calls of 10.
-            base = entry[1].split(":parameter", 1)[-1].lstrip("/")
-            index = next((i for i, chunk in enumerate(chunks)
-                          if len(chunk) < NAMES_PER_CALL and base not in bases[i]), len(chunks))
-            if index == len(chunks):
-                chunks.append([])
-                bases.append(set())
-            chunks[index].append(entry)
-            bases[index].add(base)
+        chunks = self.chunks([(text, key) for text, key in zip(self.texts, self.keys) if key in asked])
 
         def calling(chunk):
-            payload = {"Names": [text for text, _, _ in chunk], "WithDecryption": self.decrypt}
-            return lambda: client.call("AmazonSSM.GetParameters", payload, deadline,
-                                       lambda answer: split_parameters(answer, chunk))
+            return lambda: client.call(self.target, self.payload(chunk), deadline,
+                                       lambda answer: self.split(answer, chunk))
 
         results = {}
         for chunk, outcome in zip(chunks, run_concurrently([calling(chunk) for chunk in chunks], client.clock,
                                                            deadline)):
             if isinstance(outcome, Exception) and not isinstance(outcome, UpstreamError):
                 raise outcome
-            for text, name, selector in chunk:
-                key = ("ssm", name, selector, self.decrypt)
+            for text, key in chunk:
                 results[key] = outcome if isinstance(outcome, UpstreamError) else outcome[text]
         return results
 
     def serve(self, service):
+        """The batch route's answer: the items found, and those AWS says are not (listed);
+        any other error fails the request."""
         results = service.get_many(self)
-        parameters, invalid, statuses = [], [], set()
-        head, tail = len(PARAMETER_HEAD), -len(RESULT_TAIL)
-        for (text, _, _), key in zip(self.names, self.keys):
+        found, failed, statuses = [], [], set()
+        for text, key in zip(self.texts, self.keys):
             outcome = results[key]
             if type(outcome) is tuple:
-                parameters.append(outcome[0][head:tail])
+                found.append(self.entry(outcome[0]))
                 statuses.add(outcome[1])
-            elif isinstance(outcome, AwsError) and outcome.error_type in PARAMETER_NOT_FOUND:
-                invalid.append(text)
-                statuses.add("miss" if service.ttl["ssm"] else "bypass")  # errors are never cached
+            elif self.listed(text, outcome) is not None:
+                failed.append(self.listed(text, outcome))
+                statuses.add("miss" if service.ttl[self.aws_service] else "bypass")  # errors are never cached
             else:
                 raise outcome
-        listed = json.dumps(invalid).encode("utf-8")
+        listed = json.dumps(failed).encode("utf-8")
         service.refuse_token_echo(listed)
-        body = b'{"Parameters": [' + b", ".join(parameters) + b'], "InvalidParameters": ' + listed + RESULT_TAIL
+        body = self.head + b", ".join(found) + self.middle + listed + RESULT_TAIL
         return ((CACHE_HEADER, batch_status(statuses)),), body
 
 
-class SecretBatch:
-    """batch-get: secret ids, each in the cache entry /get uses for it (AWSCURRENT)."""
+class ParameterBatch(Batch):
+    """GetParameters: names as given (a ':3' or ':label' selector included), 10 a call."""
 
-    aws_service = "secretsmanager"
-    __slots__ = ("ids", "keys", "refresh")
+    aws_service, target, action = "ssm", "AmazonSSM.GetParameters", "ssm:GetParameters"
+    head, middle = b'{"Parameters": [', b'], "InvalidParameters": '
+    __slots__ = ()
+
+    def __init__(self, texts, decrypt, refresh):
+        super().__init__(texts, [("ssm",) + split_selector(text) + (decrypt,) for text in texts], refresh)
+
+    @staticmethod
+    def chunks(entries):
+        # One parameter at most once a call: an answer names /a without its selector
+        # (moto never echoes it; in any order), so /a, /a:1 and /a:prod in one call
+        # could not be told apart. Asking for several versions of one parameter costs
+        # a call each; distinct names fill calls of 10.
+        chunks, bases = [], []
+        for text, key in entries:
+            base = key[1].split(":parameter", 1)[-1].lstrip("/")
+            index = next((i for i, chunk in enumerate(chunks)
+                          if len(chunk) < NAMES_PER_CALL and base not in bases[i]), len(chunks))
+            if index == len(chunks):
+                chunks.append([])
+                bases.append(set())
+            chunks[index].append((text, key))
+            bases[index].add(base)
+        return chunks
+
+    @staticmethod
+    def payload(chunk):
+        return {"Names": [text for text, _ in chunk], "WithDecryption": chunk[0][1][3]}
+
+    @staticmethod
+    def split(answer, chunk):
+        return split_parameters(answer, [(text, key[1], key[2]) for text, key in chunk])
+
+    @staticmethod
+    def entry(body):
+        return body[len(PARAMETER_HEAD):-len(RESULT_TAIL)]
+
+    @staticmethod
+    def listed(text, error):
+        return text if isinstance(error, AwsError) and error.error_type in PARAMETER_NOT_FOUND else None
+
+
+class SecretBatch(Batch):
+    """BatchGetSecretValue: secret ids (AWSCURRENT), 20 a call."""
+
+    aws_service, target = "secretsmanager", "secretsmanager.BatchGetSecretValue"
+    action = "secretsmanager:BatchGetSecretValue"
+    head, middle = b'{"SecretValues": [', b'], "Errors": '
+    __slots__ = ()
 
     def __init__(self, ids, refresh):
-        self.ids = ids
-        self.keys = [("secretsmanager", secret_id, None, None) for secret_id in ids]
-        self.refresh = refresh
+        super().__init__(ids, [("secretsmanager", secret_id, None, None) for secret_id in ids], refresh)
 
-    def describe(self):
-        return f"secretsmanager {len(self.ids)} ids, first {shown(self.ids[0])!r}"
+    @staticmethod
+    def chunks(entries):
+        return [entries[start:start + MAX_SECRET_IDS] for start in range(0, len(entries), MAX_SECRET_IDS)]
 
-    def fetch(self, client, keys, deadline):
-        """{key: body or ItemError} for keys: one BatchGetSecretValue call (20 ids at most)."""
-        ids = [key[1] for key in keys]
-        bodies = client.call("secretsmanager.BatchGetSecretValue", {"SecretIdList": ids}, deadline,
-                             lambda answer: split_secrets(answer, ids))
-        return {("secretsmanager", secret_id, None, None): bodies[secret_id] for secret_id in ids}
+    @staticmethod
+    def payload(chunk):
+        return {"SecretIdList": [text for text, _ in chunk]}
 
-    def serve(self, service):
-        results = service.get_many(self)
-        entries, errors, statuses = [], [], set()
-        tail = -len(RESULT_TAIL)
-        for secret_id, key in zip(self.ids, self.keys):
-            outcome = results[key]
-            if type(outcome) is tuple:
-                entries.append(outcome[0][:tail] + b"}")
-                statuses.add(outcome[1])
-            elif isinstance(outcome, ItemError):
-                errors.append({"SecretId": secret_id, "ErrorCode": outcome.error_type, "Message": outcome.message})
-                statuses.add("miss" if service.ttl["secretsmanager"] else "bypass")
-            else:
-                raise outcome
-        listed = json.dumps(errors).encode("utf-8")
-        service.refuse_token_echo(listed)
-        body = b'{"SecretValues": [' + b", ".join(entries) + b'], "Errors": ' + listed + RESULT_TAIL
-        return ((CACHE_HEADER, batch_status(statuses)),), body
+    @staticmethod
+    def split(answer, chunk):
+        return split_secrets(answer, [text for text, _ in chunk])
+
+    @staticmethod
+    def entry(body):
+        return body[:-len(RESULT_TAIL)] + b"}"
+
+    @staticmethod
+    def listed(secret_id, error):
+        if isinstance(error, ItemError):
+            return {"SecretId": secret_id, "ErrorCode": error.error_type, "Message": error.message}
+        return None
 
 
 PARAMETER_KEYS = ("name", "version", "label", "withDecryption", "refreshNow", "jsonKey", "format")
@@ -2351,13 +2461,16 @@ def parameter_lookup(pairs):
                 raise ClientError(400, "InvalidQueryValue", "label must be 1 to 100 characters")
             selector = ":" + value
             break
-    payload = {"Name": name + (selector or ""), "WithDecryption": decrypt}
+    return parameter_read(name, selector, decrypt, refresh, json_key, raw)
 
+
+def parameter_read(name, selector, decrypt, refresh=False, json_key=None, raw=False):
+    """The Lookup of one parameter (selector: ':3', ':label' or None), keyed as /get keys it."""
     def render(answer):
         return render_parameter(answer, name, selector)
 
-    return Lookup("ssm", ("ssm", name, selector, decrypt), "AmazonSSM.GetParameter", payload, render, refresh,
-                  json_key, raw)
+    return Lookup("ssm", ("ssm", name, selector, decrypt), "AmazonSSM.GetParameter",
+                  {"Name": name + (selector or ""), "WithDecryption": decrypt}, render, refresh, json_key, raw)
 
 
 def secret_lookup(pairs):
@@ -2365,19 +2478,28 @@ def secret_lookup(pairs):
     secret_id = _identifier(values, "secretId", "the secret name or ARN")
     refresh = _boolean(values, "refreshNow")
     json_key, raw = _projection(values)
-    payload = {"SecretId": secret_id}
-    for key, field_name, limit in (("versionId", "VersionId", 64), ("versionStage", "VersionStage", 256)):
+    for key, limit in (("versionId", 64), ("versionStage", 256)):
         value = values.get(key)
-        if value is not None:
-            if not value or len(value) > limit:
-                raise ClientError(400, "InvalidQueryValue", f"{key} must be 1 to {limit} characters")
-            payload[field_name] = value
+        if value is not None and not 1 <= len(value) <= limit:
+            raise ClientError(400, "InvalidQueryValue", f"{key} must be 1 to {limit} characters")
+    return secret_read(secret_id, values.get("versionId"), values.get("versionStage"), refresh, json_key, raw)
 
+
+def secret_read(secret_id, version_id=None, stage=None, refresh=False, json_key=None, raw=False):
+    """The Lookup of one secret (a version id or stage, or neither: AWSCURRENT), keyed as /get keys it."""
     def render(answer):
         return render_secret(answer, secret_id)
 
-    key = ("secretsmanager", secret_id, values.get("versionId"), values.get("versionStage"))
-    return Lookup("secretsmanager", key, "secretsmanager.GetSecretValue", payload, render, refresh, json_key, raw)
+    payload = {"SecretId": secret_id}
+    for field_name, value in (("VersionId", version_id), ("VersionStage", stage)):
+        if value is not None:
+            payload[field_name] = value
+    return Lookup("secretsmanager", ("secretsmanager", secret_id, version_id, stage),
+                  "secretsmanager.GetSecretValue", payload, render, refresh, json_key, raw)
+
+
+# The Lookup of a /get cache key: its service's read, from the rest of the key.
+READS = {"ssm": parameter_read, "secretsmanager": secret_read}
 
 
 def path_lookup(pairs):
@@ -2392,20 +2514,10 @@ def path_lookup(pairs):
                       None, _boolean(values, "refreshNow"))
 
 
-def split_selector(text):
-    """(name, selector or None) of a name as GetParameters takes it: '/a:3' is ('/a', ':3'),
-    the key /get uses for name=/a&version=3. A Secrets Manager reference by ARN ends in the
-    secret's name after ':secret:', which is no selector."""
-    match = SELECTOR_SUFFIX.fullmatch(text) if ":" in text else None
-    if match is None or match.group(1).endswith(":secret"):
-        return text, None
-    return match.group(1), ":" + match.group(2)
-
-
 def names_lookup(pairs):
     values = _single_values(pairs, NAMES_KEYS)
-    names = [(text,) + split_selector(text) for text in _list(values, "names", "parameter names", MAX_NAMES)]
-    return ParameterBatch(names, _boolean(values, "withDecryption"), _boolean(values, "refreshNow"))
+    return ParameterBatch(_list(values, "names", "parameter names", MAX_NAMES), _boolean(values, "withDecryption"),
+                          _boolean(values, "refreshNow"))
 
 
 def secret_ids_lookup(pairs):
@@ -2414,6 +2526,9 @@ def secret_ids_lookup(pairs):
                        _boolean(values, "refreshNow"))
 
 
+# PARAMETERS_SECRETS_EXTENSION_PREFETCH's entries: kind -> (what reads it, its first query key).
+PREFETCH_KINDS = {"ssm": (parameter_lookup, "name"), "secret": (secret_lookup, "secretId"),
+                  "ssm-path": (path_lookup, "path")}
 PING_BODY = b'{"status": "ok"}'
 # Headers that say a proxy forwarded the request. Callers in Lambda are on this host and
 # never proxied; a proxied request may be forged server-side (SSRF), so it is refused, as
@@ -2471,6 +2586,9 @@ class Service:
         self._clock_offset = wall() - clock()
         self._restore_lock = threading.Lock()
         self.restores = 0  # how many times forget() dropped everything
+        # Services whose batch action (GetParameters, BatchGetSecretValue) IAM denied:
+        # their batches are read one call per item for the life of the process.
+        self.batch_denied = set()
 
     def answer(self, method, target, headers):
         """(status, [(header, value)], body) for one request. headers: [(lower-case name,
@@ -2562,15 +2680,37 @@ class Service:
         return self.store.get(lookup.key, call, self.ttl[lookup.aws_service], lookup.refresh, deadline)
 
     def get_many(self, batch):
-        """{key: (value, cache status) or error} for a batch request's keys, within its
-        service's budget (one deadline for every AWS call the batch makes)."""
-        client = self.clients[batch.aws_service]
-        deadline = self._deadline(batch.aws_service)
+        """{key: (value, cache status) or error} for a batch's keys, within its service's
+        budget (one deadline for every AWS call the batch makes). Where IAM denies the
+        batch action (the official extension asks for ssm:GetParameter alone), the keys
+        are read one call each, now and from then on, and one INFO line says so."""
+        service = batch.aws_service
+        client = self.clients[service]
+        deadline = self._deadline(service)
+
+        def denied(outcome):  # AWS's JSON APIs say AccessDeniedException; moto's IAM check AccessDenied
+            return type(outcome) is AwsError and outcome.error_type in ("AccessDeniedException", "AccessDenied")
 
         def call(keys):
-            return batch.fetch(client, keys, deadline)
+            results = {} if service in self.batch_denied else batch.fetch(client, keys, deadline)
+            singles = [key for key in keys if key not in results or denied(results[key])]
+            if results and singles:
+                with self._restore_lock:
+                    told, self.batch_denied = service in self.batch_denied, self.batch_denied | {service}
+                if not told:
+                    self.log.info(f"{batch.target} is denied (AccessDeniedException): {service} batches are "
+                                  f"read one call per item from now on; allowing {batch.action} in IAM "
+                                  "would save calls")
+            reads = [READS[service](*key[1:]) for key in singles]
+            outcomes = run_concurrently([lambda read=read: read.fetch(client, deadline) for read in reads],
+                                        self.clock, deadline) if reads else []
+            for key, outcome in zip(singles, outcomes):
+                if isinstance(outcome, Exception) and not isinstance(outcome, UpstreamError):
+                    raise outcome
+                results[key] = outcome
+            return results
 
-        return self.store.get_many(batch.keys, call, self.ttl[batch.aws_service], batch.refresh, deadline)
+        return self.store.get_many(batch.keys, call, self.ttl[service], batch.refresh, deadline)
 
     def check_restore(self):
         """Drop what a snapshot holds when the clocks say the process was restored: the
@@ -2595,21 +2735,56 @@ class Service:
         self.log.info(f"{reason}: cache and credentials dropped")
 
     def prefetch(self, entries):
-        """Fill the cache with the configured entries; failures are WARNs, never fatal."""
+        """Fill the cache with the configured entries (docs/configuration.md, "Prefetch")
+        in as few AWS calls as the APIs allow, all at once within MAX_CONNECTIONS:
+        parameters by decryption flag in GetParameters calls of 10, secrets (AWSCURRENT)
+        in BatchGetSecretValue calls of 20, each into the entry /get reads; ssm-path trees
+        with GetParametersByPath, into the get-by-path entry and each parameter's; the rest
+        one call each. Failures are WARNs, never fatal."""
+        groups, jobs = {}, []
         for entry in entries:
             kind, _, rest = entry.partition(":")
             ident, _, query = rest.partition("?")
             try:
-                if kind == "ssm" and ident:
-                    lookup = parameter_lookup([("name", ident)] + parse_query(query))
-                elif kind == "secret" and ident:
-                    lookup = secret_lookup([("secretId", ident)] + parse_query(query))
-                else:
-                    raise ClientError(400, "InvalidPrefetch", "expected ssm:<name>[?query] or secret:<id>[?query]")
-                self.get(lookup)
-                self.log.debug(f"prefetched {describe_key(lookup.key)}")
-            except (ClientError, UpstreamError) as error:
+                if kind not in PREFETCH_KINDS or not ident:
+                    raise ClientError(400, "InvalidPrefetch", "expected ssm:<name>, secret:<id> or ssm-path:<path>, "
+                                                              "each [?query]")
+                route, first = PREFETCH_KINDS[kind]
+                lookup = route([(first, ident)] + parse_query(query))
+            except ClientError as error:
                 self.log.warn(f"prefetch of {shown(entry)} failed: {error}")
+                continue
+            key = lookup.key
+            if key[0] == "ssm":
+                groups.setdefault(key[3], {})[lookup.payload["Name"]] = entry
+            elif key[0] == "secretsmanager" and key[2:] == (None, None):
+                groups.setdefault("secrets", {})[key[1]] = entry
+            else:
+                jobs.append(lambda entry=entry, lookup=lookup: self._prefetch_one(entry, lookup))
+        for group, named in groups.items():
+            batch = SecretBatch(list(named), False) if group == "secrets" else ParameterBatch(list(named), group, False)
+            jobs.append(lambda batch=batch, named=named: self._prefetch_batch(batch, named))
+        if jobs:
+            run_concurrently(jobs, self.clock, None)
+
+    def _prefetch_one(self, entry, lookup):
+        try:
+            body, _ = self.get(lookup)
+            if lookup.key[0] == "ssm-path":  # each parameter of the tree, as /get would hold it
+                ttl = self.ttl["ssm"]
+                for parameter in json.loads(body)["Parameters"]:
+                    self.store.fill(("ssm", parameter["Name"], None, lookup.key[3]),
+                                    PARAMETER_HEAD + json.dumps(parameter).encode("utf-8") + RESULT_TAIL, ttl)
+            self.log.debug(f"prefetched {lookup.describe()}")
+        except (ClientError, UpstreamError) as error:
+            self.log.warn(f"prefetch of {shown(entry)} failed: {error}")
+
+    def _prefetch_batch(self, batch, named):
+        for text, outcome in zip(batch.texts, map(self.get_many(batch).get, batch.keys)):
+            if isinstance(outcome, tuple):
+                self.log.debug(f"prefetched {shown(text)}")
+            else:
+                self.log.warn(f"prefetch of {shown(named[text])} failed: {outcome}")
 
 # ---------------------------------------------------------------------------
 # HTTP server: the transport. Sockets, request heads, keep-alive and admission; what a

@@ -5,11 +5,13 @@ with ``AWS_ENDPOINT_URL`` pointing at ``fake_aws.FakeAWS``, a stdlib fake of the
 AWS operations that can be scripted to fail per call, and counts the calls that
 reached "AWS". What is checked, and where it comes from:
 
-- Retries (the AWS SDKs' "standard" retry mode, README.md): throttling
-  (``ThrottlingException``, ``TooManyRequestsException``, HTTP 429), 5xx, connection
-  reset / refused / closed mid-body and timeouts are retried, at most 3 attempts in
-  all; client errors (not found, access denied, validation) are never retried; the
-  whole sequence stays within the service's timeout setting.
+- Retries (the AWS SDKs' "standard" retry mode, README.md): 5xx, connection reset /
+  refused / closed mid-body and timeouts are retried, at most 3 attempts in all;
+  throttling (``ThrottlingException``, ``TooManyRequestsException``, HTTP 429) is
+  retried until the service's timeout setting runs out (docs/design.md, "Throttling";
+  the policy itself is unit-tested in tests/test_throttling.py); client errors (not
+  found, access denied, validation) are never retried; the whole sequence stays within
+  the service's timeout setting.
 - One call per miss: concurrent misses for one key share one AWS call, whether it
   succeeds or fails.
 - Serve stale (README.md ``PARAMETERS_SECRETS_EXTENSION_MAX_STALE_SECONDS``): an
@@ -124,7 +126,11 @@ def test_secrets_manager_transient_fault_then_success_is_retried(shared, key, ki
     assert fake.calls(SM_GET, key) == 2
 
 
-@pytest.mark.parametrize("kind", sorted(FINAL_STATUS))
+# Throttling answers: retried for as long as the budget lasts, not three times.
+THROTTLES = ("throttling", "toomany", "429")
+
+
+@pytest.mark.parametrize("kind", sorted(set(FINAL_STATUS) - set(THROTTLES)))
 def test_three_transient_faults_give_the_error_after_three_attempts(shared, key, kind):
     ext, fake = shared
     # A fourth behaviour is queued: a client that tried a fourth time would succeed.
@@ -149,6 +155,30 @@ def test_three_transient_faults_give_the_error_after_three_attempts(shared, key,
     if kind != "hang":
         assert ext.get(ssm_path(key))[0] == 200
         assert fake.calls(SSM_GET, key) == 4
+
+
+@pytest.mark.parametrize("kind", THROTTLES)
+def test_throttling_is_retried_past_three_attempts(shared, key, kind):
+    ext, fake = shared
+    fake.script(kind, kind, kind, kind, "ok", name=key)
+    status, _, body = ext.get(ssm_path(key), timeout=30)
+    assert status == 200, (kind, status, body[:300])
+    assert body_json(body)["Parameter"]["Value"] == "value-of-" + key
+    assert fake.calls(SSM_GET, key) == 5
+
+
+@pytest.mark.parametrize("kind", THROTTLES)
+def test_throttling_to_the_end_of_the_budget_gives_aws_error_unchanged(shared, key, kind):
+    ext, fake = shared
+    fake.set_default(kind, name=key)
+    started = time.monotonic()
+    status, _, body = ext.get(ssm_path(key), timeout=30)
+    elapsed = time.monotonic() - started
+    assert status == FINAL_STATUS[kind], (kind, status, body[:300])
+    assert body_json(body)["__type"] == FINAL_TYPE[kind]
+    assert fake.calls(SSM_GET, key) > 3  # retried well past the quick faults' three attempts
+    # The whole sequence stayed within the 3 s budget (plus the answer's way back).
+    assert elapsed < HANG_TIMEOUT_MS / 1000 + 1.0, elapsed
 
 
 @pytest.mark.parametrize(
