@@ -1689,6 +1689,15 @@ def describe_key(key):
     return f"{key[0]} {shown(repr(key[1]))}"
 
 
+def drop_oldest(entries, over):
+    """Drop the entries of an OrderedDict from its old end while over(value) holds."""
+    while entries:
+        key, value = next(iter(entries.items()))
+        if not over(value):
+            return
+        del entries[key]
+
+
 class TTLCache:
     """A least-recently-used cache whose entries also expire.
 
@@ -1711,21 +1720,12 @@ class TTLCache:
 
     def get(self, key):
         """The value if fresh, else None. A hit becomes the most recently used."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            now, wall_now = self.clock(), self.wall()
-            if now < entry[1] and wall_now < entry[2]:
-                self._entries.move_to_end(key)      # LRU: used now
-                return entry[0]
-            if now >= entry[1] + self.max_stale or wall_now >= entry[2] + self.max_stale:
-                del self._entries[key]              # dead: past any stale use
-            return None
+        return self.get_many((key,)).get(key)
 
     def get_many(self, keys):
-        """{key: value} for those of keys that are fresh, as get does for each, under one
-        lock and one reading of the clocks (a batch hit is one call, not one per key)."""
+        """{key: value} for those of keys that are fresh, each hit becoming the most
+        recently used, under one lock and one reading of the clocks; a dead entry met on
+        the way is dropped."""
         found = {}
         with self._lock:
             now, wall_now = self.clock(), self.wall()
@@ -1734,9 +1734,9 @@ class TTLCache:
                 if entry is None:
                     continue
                 if now < entry[1] and wall_now < entry[2]:
-                    self._entries.move_to_end(key)
+                    self._entries.move_to_end(key)      # LRU: used now
                     found[key] = entry[0]
-                elif now >= entry[1] + self.max_stale or wall_now >= entry[2] + self.max_stale:
+                elif self._dead(entry, now, wall_now):
                     del self._entries[key]
         return found
 
@@ -1744,10 +1744,11 @@ class TTLCache:
         """A value, expired or not, still within max_stale seconds of its expiry, else None."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and self.clock() < entry[1] + self.max_stale \
-                    and self.wall() < entry[2] + self.max_stale:
-                return entry[0]
-            return None
+            return None if entry is None or self._dead(entry, self.clock(), self.wall()) else entry[0]
+
+    def _dead(self, entry, now, wall_now):
+        """Past any stale use, on either clock."""
+        return now >= entry[1] + self.max_stale or wall_now >= entry[2] + self.max_stale
 
     def put(self, key, value, ttl):
         with self._lock:
@@ -1758,11 +1759,7 @@ class TTLCache:
                 self._entries.popitem(last=False)   # evict the least recently used
             # Drop dead entries at the cold end while there are any: keeps memory to
             # what can still be served, at O(1) amortised cost per put.
-            while self._entries:
-                oldest_key, (_, expires, wall_expires) = next(iter(self._entries.items()))
-                if now < expires + self.max_stale and wall_now < wall_expires + self.max_stale:
-                    break
-                del self._entries[oldest_key]
+            drop_oldest(self._entries, lambda entry: self._dead(entry, now, wall_now))
 
     def discard(self, key):
         with self._lock:
@@ -1856,37 +1853,40 @@ class Store:
         again), and stale values. call(keys) fetches the keys this request leads, in as few
         AWS calls as it likes, and returns {key: value or UpstreamError}; when it raises an
         UpstreamError, every one of those keys has that error."""
+        return self.settle(self.begin(keys, ttl, refresh), call, ttl, refresh, deadline)
+
+    def begin(self, keys, ttl, refresh=False):
+        """get_many's first half, which never waits: the hits, refreshNow's recent
+        results, and a flight for each other key, led by this caller unless another
+        request leads one. The caller must pass what it returns to settle(): until then
+        other requests wait on the flights it leads (prefetch begins before serving starts)."""
         results = {}
         if ttl and not refresh:
             found = self.cache.get_many(keys)
-            if found:
-                self.stats.add("hits", len(found))
-                results = {key: (value, "hit") for key, value in found.items()}
-                if len(found) == len(keys):
-                    return results
-        pending = []
-        for key in keys:
-            if key in results:
-                continue
-            if ttl and refresh:
-                recent = self._recent_refresh(key)
-                if recent is not None:
-                    value, error = recent
-                    if error is not None:
-                        results[key] = self._stale_or_error(key, ttl, error)
-                    else:
-                        self.stats.add("hits")
-                        results[key] = (value, "hit")
-                    continue
-            pending.append(key)
+            self.stats.add("hits", len(found))
+            results = {key: (value, "hit") for key, value in found.items()}
         led, followed = [], []
+        for key in keys if ttl and refresh else ():
+            recent = self._recent_refresh(key)  # refreshNow within REFRESH_INTERVAL: its result
+            if recent is not None:
+                value, error = recent
+                if error is None:
+                    self.stats.add("hits")
+                results[key] = (value, "hit") if error is None else self._stale_or_error(key, ttl, error)
         with self._lock:
-            for key in pending:
-                flight = self._flights.get(key)
-                if flight is None:
-                    led.append((key, self._flights.setdefault(key, _Flight())))
-                else:
-                    followed.append((key, flight))
+            for key in keys:
+                if key not in results:
+                    flight = self._flights.get(key)
+                    if flight is None:
+                        led.append((key, self._flights.setdefault(key, _Flight())))
+                    else:
+                        followed.append((key, flight))
+        return results, led, followed
+
+    def settle(self, begun, call, ttl, refresh=False, deadline=None):
+        """get_many's second half: the AWS call for the keys led, and the wait (until the
+        deadline) for those another request is fetching."""
+        results, led, followed = begun
         if led:
             try:
                 self._miss_many(led, call, ttl, refresh, results)
@@ -1963,15 +1963,9 @@ class Store:
 
     def _stale_or_error(self, key, ttl, error):
         """(stale value, "stale") when one may answer for a transient error, else the error."""
-        try:
-            return self._stale_or_raise(key, ttl, error)
-        except UpstreamError as raised:
-            return raised
-
-    def _stale_or_raise(self, key, ttl, error):
         stale = self.cache.get_stale(key) if ttl and error.transient else None
         if stale is None:
-            raise error
+            return error
         self.stats.add("stale")
         self.log.warn(f"serving a stale value for {describe_key(key)}: AWS failed ({error})")
         return stale, "stale"
@@ -1989,11 +1983,7 @@ class Store:
             self._refreshes.move_to_end(key)
             # Only the last second matters: drop older records from the old end.
             now = self.clock()
-            while self._refreshes:
-                oldest_key, (oldest_started, _, _) = next(iter(self._refreshes.items()))
-                if now - oldest_started < REFRESH_INTERVAL:
-                    break
-                del self._refreshes[oldest_key]
+            drop_oldest(self._refreshes, lambda record: now - record[0] >= REFRESH_INTERVAL)
 
     def _forget_refresh(self, key):
         with self._lock:
@@ -2679,9 +2669,10 @@ class Service:
 
         return self.store.get(lookup.key, call, self.ttl[lookup.aws_service], lookup.refresh, deadline)
 
-    def get_many(self, batch):
+    def get_many(self, batch, begun=None):
         """{key: (value, cache status) or error} for a batch's keys, within its service's
-        budget (one deadline for every AWS call the batch makes). Where IAM denies the
+        budget (one deadline for every AWS call the batch makes); begun: what Store.begin
+        gave for them, when it was called earlier. Where IAM denies the
         batch action (the official extension asks for ssm:GetParameter alone), the keys
         are read one call each, now and from then on, and one INFO line says so."""
         service = batch.aws_service
@@ -2710,7 +2701,9 @@ class Service:
                 results[key] = outcome
             return results
 
-        return self.store.get_many(batch.keys, call, self.ttl[service], batch.refresh, deadline)
+        ttl = self.ttl[service]
+        return self.store.settle(begun or self.store.begin(batch.keys, ttl, batch.refresh), call, ttl,
+                                 batch.refresh, deadline)
 
     def check_restore(self):
         """Drop what a snapshot holds when the clocks say the process was restored: the
@@ -2740,7 +2733,9 @@ class Service:
         parameters by decryption flag in GetParameters calls of 10, secrets (AWSCURRENT)
         in BatchGetSecretValue calls of 20, each into the entry /get reads; ssm-path trees
         with GetParametersByPath, into the get-by-path entry and each parameter's; the rest
-        one call each. Failures are WARNs, never fatal."""
+        one call each. Failures are WARNs, never fatal. Returns once the batches' keys are
+        claimed (Store.begin), the calls running in a thread: a request for one of those
+        values that comes before they are in waits for the prefetch's call."""
         groups, jobs = {}, []
         for entry in entries:
             kind, _, rest = entry.partition(":")
@@ -2763,9 +2758,13 @@ class Service:
                 jobs.append(lambda entry=entry, lookup=lookup: self._prefetch_one(entry, lookup))
         for group, named in groups.items():
             batch = SecretBatch(list(named), False) if group == "secrets" else ParameterBatch(list(named), group, False)
-            jobs.append(lambda batch=batch, named=named: self._prefetch_batch(batch, named))
+            begun = self.store.begin(batch.keys, self.ttl[batch.aws_service])
+            jobs.append(lambda batch=batch, named=named, begun=begun: self._prefetch_batch(batch, named, begun))
         if jobs:
-            run_concurrently(jobs, self.clock, None)
+            try:  # _thread: see Listener._accept
+                _thread.start_new_thread(run_concurrently, (jobs, self.clock, None))
+            except (RuntimeError, MemoryError):
+                run_concurrently(jobs, self.clock, None)  # the claimed keys must be settled
 
     def _prefetch_one(self, entry, lookup):
         try:
@@ -2779,8 +2778,8 @@ class Service:
         except (ClientError, UpstreamError) as error:
             self.log.warn(f"prefetch of {shown(entry)} failed: {error}")
 
-    def _prefetch_batch(self, batch, named):
-        for text, outcome in zip(batch.texts, map(self.get_many(batch).get, batch.keys)):
+    def _prefetch_batch(self, batch, named, begun):
+        for text, outcome in zip(batch.texts, map(self.get_many(batch, begun).get, batch.keys)):
             if isinstance(outcome, tuple):
                 self.log.debug(f"prefetched {shown(text)}")
             else:
@@ -3795,9 +3794,9 @@ def main(argv, early=None):
     fatal = None
     try:
         service, listener = start_up(config, log, early)
+        if config.prefetch:  # its thread starts while signals are still blocked, like every thread
+            service.prefetch(config.prefetch)  # its keys claimed before serving: no request races it
         listener.start()  # serving what waited in the backlog since the early start
-        if config.prefetch:  # started while signals are still blocked, like every thread
-            threading.Thread(target=service.prefetch, args=(config.prefetch,), daemon=True).start()
     except Fatal as error:
         fatal = error
 

@@ -19,7 +19,17 @@ import json
 import threading
 
 import extension
-from conftest import SM_GET, SSM_GET, boto3_client, moto_set_auth, unit_service, wait_for, warn_lines
+from conftest import (
+    SM_GET,
+    SSM_GET,
+    UNIT_TOKEN,
+    boto3_client,
+    moto_set_auth,
+    stand_in,
+    unit_service,
+    wait_for,
+    warn_lines,
+)
 
 SSM_MULTI = "AmazonSSM.GetParameters"
 SSM_PATH = "AmazonSSM.GetParametersByPath"
@@ -325,17 +335,16 @@ def test_prefetch_with_only_get_parameter_allowed_falls_back_once_and_remembers(
 
 def test_a_get_during_the_prefetch_batch_joins_its_call():
     """The function's INIT may ask before the prefetch is done: a /get of a name whose
-    batch is in flight waits for that call instead of making its own."""
-    release, started = threading.Event(), threading.Event()
+    batch is claimed waits for that batch's call instead of making its own, even when it
+    comes before the call has started (prefetch claims its keys before returning, and
+    main() starts serving only then)."""
     calls = []
 
     class Client:
         clock = None
 
         def call(self, target, payload, deadline, render):
-            calls.append((target, payload))
-            started.set()
-            assert release.wait(10)
+            calls.append(target)
             if target == "AmazonSSM.GetParameters":
                 return render({"Parameters": [{"Name": name, "Value": "v" + name, "Type": "String", "Version": 1}
                                               for name in payload["Names"]], "InvalidParameters": []})
@@ -347,21 +356,25 @@ def test_a_get_during_the_prefetch_batch_joins_its_call():
     client = Client()
     service, clock, _, _ = unit_service(ssm=client)
     client.clock = clock
-    prefetch = threading.Thread(target=service.prefetch, args=(["ssm:/a", "ssm:/b"],))
-    prefetch.start()
-    assert started.wait(10)
+    # The prefetch's thread is held back: its calls have not started when the /get comes.
+    held = []
+    start_new_thread = extension._thread.start_new_thread
+    stand_in(extension._thread, "start_new_thread", lambda function, args: held.append((function, args)))
+    try:
+        service.prefetch(["ssm:/a", "ssm:/b"])
+    finally:
+        extension._thread.start_new_thread = start_new_thread
+    assert len(held) == 1 and calls == []
     answers = []
     getter = threading.Thread(target=lambda: answers.append(service.answer(
-        "GET", "/systemsmanager/parameters/get?name=/b", [("x-aws-parameters-secrets-token", service._token_text)])))
+        "GET", "/systemsmanager/parameters/get?name=/b", [("x-aws-parameters-secrets-token", UNIT_TOKEN)])))
     getter.start()
     getter.join(0.2)
-    assert getter.is_alive()  # waiting for the batch, not calling AWS
-    release.set()
+    assert getter.is_alive() and calls == []  # waiting for the claimed batch, not calling AWS
+    threading.Thread(target=held[0][0], args=held[0][1]).start()
     getter.join(10)
-    prefetch.join(10)
-    assert [target for target, _ in calls] == ["AmazonSSM.GetParameters"]
+    assert calls == ["AmazonSSM.GetParameters"]
     status, headers, body = answers[0]
     assert status == 200
     assert json.loads(body)["Parameter"]["Value"] == "v/b"
     assert dict(headers)["X-Parameters-Secrets-Cache"] == "miss"  # it shared the batch's call
-    assert extension.describe_key(("ssm", "/b", None, False))  # names the key, for the log
