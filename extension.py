@@ -27,7 +27,8 @@ Routes (loopback only: 127.0.0.1, and ::1 where the host has it; docs/http-api.m
 Environment (read once at start into the frozen Config; nothing reads os.environ afterwards;
 docs/configuration.md)
     SSM_PARAMETER_STORE_TIMEOUT_MILLIS            0     Parameter Store budget per request (0 = none:
-                                                        each attempt then ends after 10 s)
+                                                        each attempt then ends after 10 s, throttles
+                                                        are retried for 8 s, a path's pages end in 30 s)
     SECRETS_MANAGER_TIMEOUT_MILLIS                0     Secrets Manager budget per request (0 = none)
     SSM_PARAMETER_STORE_TTL                       300   seconds a parameter is cached (0 = bypass; max 3600)
     SECRETS_MANAGER_TTL                           300   seconds a secret is cached (0 = bypass; max 3600)
@@ -43,8 +44,9 @@ docs/configuration.md)
     PARAMETERS_SECRETS_EXTENSION_READ_TIMEOUT_MILLIS 10000  a request that has begun must arrive
                                                         within this (silence) or twice this
                                                         (dripping); idle connections are kept
-    PARAMETERS_SECRETS_EXTENSION_PREFETCH         ""    "ssm:<name>[?query] secret:<id>[?query] ..."
-                                                        fetched in the background at start
+    PARAMETERS_SECRETS_EXTENSION_PREFETCH         ""    "ssm:<name>[?query] secret:<id>[?query]
+                                                        ssm-path:<path>[?query] ...": fetched in
+                                                        batches at start
     PARAMETERS_SECRETS_EXTENSION_METRICS          none  emf: also print the shutdown figures as one
                                                         CloudWatch Embedded Metric Format line
     and the AWS SDK conventions: AWS_REGION / AWS_DEFAULT_REGION; AWS_ACCESS_KEY_ID,
@@ -1419,7 +1421,9 @@ class ServiceClient:
         # Waiting for a free connection is bounded by the caller's whole budget; running
         # out is ConnectionsBusy, not a timeout of AWS's (docs/http-api.md).
         wait = ATTEMPT_TIMEOUT_WITHOUT_BUDGET if deadline is None else deadline - self.clock()
-        if wait <= 0 or not self._connections.acquire(timeout=wait):
+        if wait <= 0:
+            raise UpstreamTimeout(f"{self.aws_service} budget spent")
+        if not self._connections.acquire(timeout=wait):
             raise ConnectionsBusy(f"no free connection to {self.aws_service} in time")
         connection = None
         try:
@@ -2100,6 +2104,11 @@ NAMES_PER_CALL = 10          # GetParameters takes at most 10 names
 MAX_SECRET_IDS = 20          # BatchGetSecretValue takes at most 20 ids
 MAX_PATH_PARAMETERS = 1000   # get-by-path; also what bounds the pages read and their size
 PATH_PAGE_SIZE = 10          # GetParametersByPath's largest MaxResults
+# Without a budget, all the pages of one path end within this from the first call (a
+# page that comes slowly, page after page, must not hold the request and its waiters for
+# hours): a 100-page path takes a few seconds, and the waiters' own limit
+# (WAIT_WITHOUT_BUDGET) is longer.
+PAGES_WITHOUT_BUDGET = 30.0
 
 
 def _no_constant(text):
@@ -2240,6 +2249,8 @@ class PathLookup(Lookup):
             return parameters, token
 
         parameters, token = [], None
+        if deadline is None:
+            deadline = client.clock() + PAGES_WITHOUT_BUDGET
         # A page holds 1 to 10 parameters, or none: this many pages is the most 1,000 can take.
         for _ in range(MAX_PATH_PARAMETERS + 1):
             payload = dict(self.payload, NextToken=token) if token else self.payload
@@ -2312,9 +2323,7 @@ class Batch:
                 statuses.add("miss" if service.ttl[self.aws_service] else "bypass")  # errors are never cached
             else:
                 raise outcome
-        listed = json.dumps(failed).encode("utf-8")
-        service.refuse_token_echo(listed)
-        body = self.head + b", ".join(found) + self.middle + listed + RESULT_TAIL
+        body = self.head + b", ".join(found) + self.middle + json.dumps(failed).encode("utf-8") + RESULT_TAIL
         return ((CACHE_HEADER, batch_status(statuses)),), body
 
 
@@ -2606,7 +2615,13 @@ class Service:
                 raise ClientError(400, "RepeatedHeader", f"the header {TOKEN_HEADER} is given more than once")
             if not self.token_matches(tokens[0]):
                 raise ClientError(403, "InvalidToken", f"the header {TOKEN_HEADER} does not match")
-            request = route(parse_query(query))
+            pairs = parse_query(query)
+            if self._guarded_token is not None and any(self._token_text in value for _, value in pairs):
+                # A token pasted as a name (swapped arguments) would go to AWS, whose
+                # request logs (CloudTrail's requestParameters) keep what is asked.
+                raise ClientError(400, "TokenInQuery", "a query value holds the request token; it is never sent "
+                                                       "to AWS (is an argument swapped?)")
+            request = route(pairs)
             extra, body = request.serve(self)
             return 200, extra, body
         except Exception as error:  # every failure is answered; the server keeps serving
@@ -2626,12 +2641,6 @@ class Service:
 
     def _quotes_token(self, data):
         return self._guarded_token is not None and self._guarded_token in data
-
-    def refuse_token_echo(self, listed):
-        """Refuse a batch answer whose list of failed items quotes the request token (a
-        token pasted as a name): like an error body, it must never carry it back."""
-        if self._quotes_token(listed):
-            raise ClientError(400, "InvalidQueryValue", "(message withheld: an item asked is the request token)")
 
     def _looks_like_token(self, key):
         token = self._token_text

@@ -115,14 +115,45 @@ def test_an_unknown_key_that_looks_like_the_token_is_never_echoed(key):
     assert TOKEN[5:21] not in repr(log.lines)
 
 
-def test_a_name_that_is_the_token_never_comes_back_in_a_body_or_a_log():
-    # A token pasted as the name: AWS's message quotes the name; neither reaches the caller.
-    ssm = StubClient(extension.AwsError(400, "ParameterNotFound", f"Parameter {TOKEN} not found."))
-    service, _, _, log = make_service({"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug"}, ssm=ssm)
-    status, _, body = answer(service, f"/systemsmanager/parameters/get?name={TOKEN}")
-    assert (status, body["__type"]) == (400, "ParameterNotFound")
-    assert TOKEN not in json.dumps(body)
-    assert TOKEN not in repr(log.lines)
+NAME_LIKE = [
+    ("/systemsmanager/parameters/get", "name", "{}"),
+    ("/systemsmanager/parameters/get", "name", "/app/{}/db"),
+    ("/systemsmanager/parameters/get-multiple", "names", "/a,{}"),
+    ("/systemsmanager/parameters/get-by-path", "path", "/{}/"),
+    ("/secretsmanager/get", "secretId", "{}"),
+    ("/secretsmanager/batch-get", "secretIds", "a,prefix-{}-suffix"),
+    ("/systemsmanager/parameters/get", "jsonKey", "{}"),
+    ("/secretsmanager/get", "versionStage", "{}"),
+]
+
+
+@pytest.mark.parametrize("route, key, value", NAME_LIKE)
+@pytest.mark.parametrize("encoded", [False, True])
+def test_a_query_value_holding_the_token_is_refused_before_any_aws_call(route, key, value, encoded):
+    """A token pasted as a name (swapped arguments) must not reach AWS, whose request
+    logs keep the names asked: refused with 400 before any call, percent-encoded or not,
+    nothing cached, nothing of it echoed or logged."""
+    service, _, _, log = make_service({"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug"})
+    text = value.format(TOKEN)
+    if encoded:
+        text = "".join(f"%{byte:02X}" for byte in text.encode())
+    first = "" if key in ("name", "names", "path", "secretId", "secretIds") else (
+        "name=/app/p&" if "systemsmanager" in route else "secretId=app/s&")
+    status, _, body = answer(service, f"{route}?{first}{key}={text}")
+    assert (status, body["__type"]) == (400, "TokenInQuery")
+    assert TOKEN not in json.dumps(body) and TOKEN[:16] not in json.dumps(body)
+    assert service.clients["ssm"].calls == [] and service.clients["secretsmanager"].calls == []
+    assert len(service.store.cache) == 0
+    assert TOKEN not in repr(log.lines) and TOKEN[:16] not in repr(log.lines)
+
+
+def test_a_short_local_token_is_not_looked_for_in_values():
+    # AWS_TOKEN=p for a local run would be found in nearly any name: only tokens of 8
+    # characters or more are looked for (Lambda's session tokens are hundreds long).
+    service, _, _, _ = unit_service({"AWS_TOKEN": "p"}, ssm=StubClient(PARAMETER_ANSWER))
+    status, _, body = answer(service, "/systemsmanager/parameters/get?name=/app/p",
+                             [("x-aws-parameters-secrets-token", "p")])
+    assert status == 200, body
 
 
 def test_a_failed_request_logs_the_name_at_debug_with_control_characters_escaped():
@@ -307,6 +338,13 @@ def test_errors_that_are_not_retried(error):
     with pytest.raises(type(error)):
         client.call("AmazonSSM.GetParameter", {}, None, lambda answer: answer)
     assert seen == [1]
+
+
+def test_a_call_whose_budget_is_already_spent_is_a_timeout_not_busy_connections():
+    clock = FakeClock(100.0)
+    client = make_client(clock)
+    with pytest.raises(extension.UpstreamTimeout):
+        client.call("AmazonSSM.GetParameter", {}, 100.0, lambda answer: answer)
 
 
 def test_no_free_connection_within_the_deadline_is_503_and_not_retried():
