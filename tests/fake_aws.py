@@ -1,6 +1,8 @@
 """A small scriptable fake of the two AWS JSON-1.1 operations the extension calls.
 
-Stdlib only. Serves ``AmazonSSM.GetParameter`` and ``secretsmanager.GetSecretValue``
+Stdlib only. Serves ``AmazonSSM.GetParameter`` and ``secretsmanager.GetSecretValue`` (and
+``AmazonSSM.GetParameters``, which prefetch uses: each name as GetParameter answers it,
+one behaviour for the call, taken as for its first name, counted once per name)
 on ``http://127.0.0.1:<random port>`` with the wire JSON AWS itself sends (not the
 SDK shape the extension must produce): timestamps are epoch seconds written the way
 AWS's Java services write them (``1.668586960362E9``), absent fields are omitted.
@@ -92,6 +94,7 @@ import uuid
 from collections import defaultdict, deque
 
 SSM_GET = "AmazonSSM.GetParameter"
+SSM_MULTI = "AmazonSSM.GetParameters"
 SM_GET = "secretsmanager.GetSecretValue"
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
@@ -325,21 +328,27 @@ class FakeAWS:
         if not isinstance(body, dict):
             h._send(400, {"__type": "SerializationException", "message": "bad JSON"})
             return
-        name = body.get("Name") if target == SSM_GET else body.get("SecretId")
+        names = body.get("Names") if target == SSM_MULTI and isinstance(body.get("Names"), list) else None
+        name = names[0] if names else body.get("Name") if target == SSM_GET else body.get("SecretId")
         do = self._next(name)
         record = {"target": target, "name": name, "body": body,
                   "headers": list(h.headers.items()), "behaviour": do,
                   "sent": None, "complete": None}
         with self._lock:
-            self._counts[(target, name)] += 1
+            for counted in names or [name]:
+                self._counts[(target, counted)] += 1
             self.requests.append(record)
         if do.delay_ms and self._stop.wait(do.delay_ms / 1000.0):
             return self._abort(h, reset=True)
-        if target not in (SSM_GET, SM_GET):
+        if target not in (SSM_GET, SM_GET) and not (names and do.kind in ("ok", "delay")):
             h._send(400, {"__type": "UnknownOperationException"})
             return
         kind = do.kind
-        if kind in ("ok", "delay"):
+        if names:
+            h._send(200, {"InvalidParameters": [], "Parameters": [
+                json.loads(self._ssm_ok(each, body))["Parameter"]
+                for each in names]})
+        elif kind in ("ok", "delay"):
             if not isinstance(name, str) or not name:
                 h._send(400, {"__type": "ValidationException",
                               "message": "1 validation error detected"})

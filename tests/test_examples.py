@@ -24,7 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SM_GET, SSM_GET, free_port, wait_for
+from conftest import ROOT, free_port, wait_for
+
+SSM_MULTI = "AmazonSSM.GetParameters"
+SM_BATCH = "secretsmanager.BatchGetSecretValue"
 
 EXAMPLES = ROOT / "examples"
 TEMPLATE = EXAMPLES / "template.yaml"
@@ -132,12 +135,17 @@ def test_template_parameter_secret_function_and_outputs():
         actions = statement["Action"]
         for action in [actions] if isinstance(actions, str) else actions:
             by_action[action] = statement
-    assert set(by_action) == {"ssm:GetParameter", "secretsmanager:GetSecretValue", "kms:Decrypt"}
-    # Least privilege: the one parameter, the one secret, KMS only through SSM.
+    assert set(by_action) == {"ssm:GetParameter", "ssm:GetParameters", "secretsmanager:GetSecretValue",
+                              "secretsmanager:BatchGetSecretValue", "kms:Decrypt"}
+    # Least privilege: the one parameter, the one secret, KMS only through SSM; the
+    # batch actions (prefetch in one call) on the same resources, BatchGetSecretValue
+    # on none (it answers only what GetSecretValue allows).
     ssm_resource = by_action["ssm:GetParameter"]["Resource"]
+    assert by_action["ssm:GetParameters"]["Resource"] == ssm_resource
     assert "Fn::Sub" in ssm_resource and ":parameter${ParameterName}" in ssm_resource["Fn::Sub"]
     assert parameter["Properties"]["Name"] == {"Ref": "ParameterName"}
     assert by_action["secretsmanager:GetSecretValue"]["Resource"] == {"Ref": sname}
+    assert by_action["secretsmanager:BatchGetSecretValue"]["Resource"] == "*"
     kms = by_action["kms:Decrypt"]
     assert kms["Resource"] != "*"
     via = kms["Condition"]["StringEquals"]["kms:ViaService"]
@@ -207,9 +215,15 @@ def test_example_function_against_the_extension(moto, ssm, secretsmanager, count
     # The extension gets the function's environment, as in Lambda (the PREFETCH and
     # METRICS values of the template included).
     ext = start_extension(proxy.url, env=env)
-    # The template prefetches both: wait until both calls were made.
-    wait_for(lambda: proxy.count(SSM_GET) == 1 and proxy.count(SM_GET) == 1,
+    # The template prefetches both, each in a batch call of one: wait until both are
+    # cached (a request that comes while a call is in flight joins it: no call of its own).
+    wait_for(lambda: proxy.count(SSM_MULTI) == 1 and proxy.count(SM_BATCH) == 1,
              message="the template's prefetch calls")
+    for path in (f"/systemsmanager/parameters/get?name={parameter_name}&withDecryption=true",
+                 f"/secretsmanager/get?secretId={secret_arn}"):
+        wait_for(lambda path=path: ext.get(path)[1].get("X-Parameters-Secrets-Cache") == "hit",
+                 message="the prefetched value cached")
+    assert proxy.count() == 2
     app = _import_app(monkeypatch, dict(
         env, PARAMETERS_SECRETS_EXTENSION_HTTP_PORT=str(ext.port),
         AWS_SESSION_TOKEN=ext.token))
@@ -221,13 +235,11 @@ def test_example_function_against_the_extension(moto, ssm, secretsmanager, count
     assert result["secret"]["keys"] == ["password", "username"]
     assert result["secret"]["versionStages"] == ["AWSCURRENT"]
     assert "pw-not-to-be-returned" not in json.dumps(result)
-    # The entries are prefetched one after the other: once the secret's call was made,
-    # the parameter was cached.
-    assert result["parameter"]["cache"] == "hit"
+    assert result["parameter"]["cache"] == "hit" and result["secret"]["cache"] == "hit"
     # A second invocation is served from the cache: no AWS call.
     again = app.lambda_handler({}, None)
     assert again["parameter"]["cache"] == "hit" and again["secret"]["cache"] == "hit"
-    assert proxy.count(SSM_GET) == 1 and proxy.count(SM_GET) == 1
+    assert proxy.count() == 2
     assert "pw-not-to-be-returned" not in ext.logs()
 
     # A missing parameter: a clear error from the extension, no secret in it.
@@ -290,7 +302,7 @@ def test_example_in_a_fake_lambda_environment(moto, ssm, secretsmanager, countin
                            handler="app.lambda_handler") as lam:
         init = lam.start()
         assert init.ok, (init, lam.logs())
-        wait_for(lambda: proxy.count(SSM_GET) == 1 and proxy.count(SM_GET) == 1,
+        wait_for(lambda: proxy.count(SSM_MULTI) == 1 and proxy.count(SM_BATCH) == 1,
                  message="the template's prefetch calls")
         first = lam.invoke({})
         assert first.status == "success", (first, lam.logs())
