@@ -283,15 +283,6 @@ class ClientError(HttpError):
     """A request we refuse (4xx): the caller can fix it."""
 
 
-class UnknownQueryKey(ClientError):
-    """A query key no route knows. It keeps the key so that Service can hide it when it
-    looks like the request token (docs/http-api.md, "Errors")."""
-
-    def __init__(self, key, message):
-        super().__init__(400, "UnknownQueryKey", message)
-        self.key = key
-
-
 class UpstreamError(HttpError):
     """A failed AWS call. transient: a stale value may answer instead; retryable: another
     attempt may succeed (the SDKs' standard retry mode); throttling: AWS refused the call
@@ -2054,7 +2045,7 @@ def _single_values(pairs, allowed):
                 close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.75)
                 hint = close[0] if close else None
             suffix = f"; did you mean {hint!r}?" if hint else f"; known keys: {', '.join(allowed)}"
-            raise UnknownQueryKey(key, f"unknown query key {shown(key, ECHOED_KEY_LENGTH)!r}{suffix}")
+            raise ClientError(400, "UnknownQueryKey", f"unknown query key {shown(key, ECHOED_KEY_LENGTH)!r}{suffix}")
         if key in values:
             raise ClientError(400, "RepeatedQueryKey", f"query key {key!r} is given more than once")
         values[key] = value
@@ -2566,10 +2557,10 @@ class Service:
         self.clock = clock
         self.wall = wall
         self._token = (config.request_token or "").encode("utf-8", "surrogateescape")
-        self._token_text = config.request_token or ""
-        # What an answer or a log line must never quote. A token this short (a local
-        # AWS_TOKEN such as "x") would be found in anything, so it is not looked for.
-        self._guarded_token = self._token if len(self._token) >= 8 else None
+        # What a request may not ask and an answer or a log line may not hold (_exposes_token).
+        # A token this short (a local AWS_TOKEN such as "x") would be found in anything,
+        # so it is not looked for.
+        self._guarded_token = config.request_token if len(self._token) >= 8 else None
         cache = TTLCache(config.cache_size, config.max_stale_seconds, clock, wall)
         self.store = Store(cache, self.stats, log, clock)
         cached = config.cache_enabled and config.cache_size > 0
@@ -2616,21 +2607,19 @@ class Service:
             if not self.token_matches(tokens[0]):
                 raise ClientError(403, "InvalidToken", f"the header {TOKEN_HEADER} does not match")
             pairs = parse_query(query)
-            if self._guarded_token is not None and any(self._token_text in value for _, value in pairs):
+            if any(self._exposes_token(text) for pair in pairs for text in pair):
                 # A token pasted as a name (swapped arguments) would go to AWS, whose
                 # request logs (CloudTrail's requestParameters) keep what is asked.
-                raise ClientError(400, "TokenInQuery", "a query value holds the request token; it is never sent "
-                                                       "to AWS (is an argument swapped?)")
+                raise ClientError(400, "TokenInQuery", "a query key or value holds the request token; it is never "
+                                                       "sent to AWS nor echoed (is an argument swapped?)")
             request = route(pairs)
             extra, body = request.serve(self)
             return 200, extra, body
         except Exception as error:  # every failure is answered; the server keeps serving
-            if isinstance(error, UnknownQueryKey) and self._looks_like_token(error.key):
-                error = UnknownQueryKey(error.key, "unknown query key (not shown: it looks like the token)")
             self._log_failure(method, target, request, error)
             status, extra, body = error_answer(error)
-            if self._quotes_token(body):
-                # An AWS message that quotes a name which is the token pasted by mistake.
+            if self._exposes_token(body.decode("utf-8", "replace")):
+                # Nothing asked holds the token (refused above), but an upstream's message might.
                 status, extra, body = error_answer(HttpError(status, getattr(error, "error_type", "InternalError"),
                                                              "(message withheld: it quoted the request token)"))
             return status, extra, body
@@ -2639,12 +2628,12 @@ class Service:
         # Constant time over the content: a wrong last byte takes as long as a wrong first.
         return hmac.compare_digest(given.encode("latin-1", "replace"), self._token)
 
-    def _quotes_token(self, data):
-        return self._guarded_token is not None and self._guarded_token in data
-
-    def _looks_like_token(self, key):
-        token = self._token_text
-        return bool(token) and (token in key or (len(key) >= 8 and key[:ECHOED_KEY_LENGTH] in token))
+    def _exposes_token(self, text):
+        """Whether text holds the request token, or is 8 characters or more whose first
+        ECHOED_KEY_LENGTH (what an unknown key is echoed) are part of it: the one test of
+        what a request may ask, an answer may say and a log line may hold."""
+        token = self._guarded_token
+        return token is not None and (token in text or (len(text) >= 8 and text[:ECHOED_KEY_LENGTH] in token))
 
     def _log_failure(self, method, target, request, error):
         if not isinstance(error, HttpError):
@@ -2656,12 +2645,11 @@ class Service:
                      f"in {frame.tb_frame.f_code.co_name}") if frame is not None else ""
             self.log.error(f"internal error: {type(error).__name__}{where}")
         elif self.log.enabled("debug"):
-            subject = f" ({self._redacted(request.describe())})" if request is not None else ""
-            self.log.debug(f"{shown(method, 16)} {self._redacted(shown(target.partition('?')[0]))}{subject} -> "
-                           f"{error.status} {error.error_type}: {self._redacted(shown(error))}")
-
-    def _redacted(self, text):
-        return text.replace(self._token_text, "(token)") if self._guarded_token is not None else text
+            subject = f" ({request.describe()})" if request is not None else ""
+            line = (f"{shown(method, 16)} {shown(target.partition('?')[0])}{subject} -> {error.status} "
+                    f"{error.error_type}: {shown(error)}")
+            self.log.debug(f"a request -> {error.status} {error.error_type} (the rest withheld: it quotes the "
+                           "request token)" if any(map(self._exposes_token, line.split())) else line)
 
     def _deadline(self, aws_service):
         """When a request to aws_service that starts now must be answered (None: no budget)."""

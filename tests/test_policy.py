@@ -107,12 +107,27 @@ def test_an_unknown_key_is_echoed_cut_to_16_characters():
 
 
 @pytest.mark.parametrize("key", [TOKEN, "x" + TOKEN + "y", TOKEN[5:30]])
-def test_an_unknown_key_that_looks_like_the_token_is_never_echoed(key):
+def test_a_key_that_looks_like_the_token_is_refused_and_never_echoed(key):
     service, _, _, log = make_service({"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug"})
     status, _, body = answer(service, f"/systemsmanager/parameters/get?name=/a&{key}=1")
-    assert (status, body) == (400, {"__type": "UnknownQueryKey",
-                                    "message": "unknown query key (not shown: it looks like the token)"})
-    assert TOKEN[5:21] not in repr(log.lines)
+    assert (status, body["__type"]) == (400, "TokenInQuery")
+    assert TOKEN[5:21] not in json.dumps(body) and TOKEN[5:21] not in repr(log.lines)
+
+
+def test_a_path_holding_the_token_is_logged_without_it():
+    service, _, _, log = make_service({"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug"})
+    status, _, body = answer(service, f"/{TOKEN}/get")
+    assert (status, body["__type"]) == (404, "NotFound")
+    assert log.lines[-1] == ("debug", "a request -> 404 NotFound (the rest withheld: it quotes the request token)")
+
+
+def test_an_upstream_message_quoting_the_token_is_withheld():
+    ssm = StubClient(extension.AwsError(400, "ValidationException", f"the security token {TOKEN} is bad"))
+    service, _, _, log = make_service({"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug"}, ssm=ssm)
+    status, _, body = answer(service, PARAMETER)
+    assert (status, body) == (400, {"__type": "ValidationException",
+                                    "message": "(message withheld: it quoted the request token)"})
+    assert TOKEN not in repr(log.lines)
 
 
 NAME_LIKE = [
