@@ -25,8 +25,9 @@ What runs, all on loopback:
 
 Scenarios (--scenarios, comma-separated; default all, in this order):
 
-    one-by-one     N extensions (<python> -S extension.py) started together; each function
-                   waits for its extension to listen, then makes K sequential /get calls
+    one-by-one     N extensions started together (as the layer's bootstrap execs them, or
+                   with --as-script as `<python> -S extension.py`); each function waits for
+                   its extension to listen, then makes K sequential /get calls
     get-multiple   the same, one get-multiple call with the K names
     prefetch       the extensions started with PARAMETERS_SECRETS_EXTENSION_PREFETCH naming
                    the K parameters; the functions then read one by one
@@ -54,6 +55,8 @@ import os
 import platform
 import resource
 import secrets
+import select
+import shutil
 import signal
 import socket
 import statistics
@@ -359,6 +362,7 @@ class Function:
         self.errors = collections.Counter()  # kind -> count
         self.done_at = None  # seconds from the start signal, once every value was right
         self.finished_at = None  # seconds from the start signal, when it stopped reading
+        self.connected_at = None  # seconds from the start signal, when its extension took the connection
 
     @property
     def error_count(self):
@@ -401,7 +405,7 @@ def connect_when_listening(port, proc, deadline):
         except OSError:
             if proc.poll() is not None or time.perf_counter() >= deadline:
                 return None
-            time.sleep(0.005)
+            time.sleep(0.02)  # as the extension's own wrapper polls; 60 threads polling faster would eat a core
 
 
 def read_answer(conn, path, token, deadline):
@@ -421,15 +425,17 @@ def error_kind(status, body):
     return f"{status} {kind}".strip()
 
 
-def extension_function(fn, mode, port, proc, token, values, start, deadline):
+def extension_function(fn, mode, port, proc, token, values, start, cap_s):
     """One function reading its parameters through its own extension, at INIT."""
     t0 = start.wait()
+    deadline = t0 + cap_s
     conn = None
     try:
-        sock = connect_when_listening(port, proc, min(deadline, time.perf_counter() + LISTEN_WAIT_S))
+        sock = connect_when_listening(port, proc, min(deadline, t0 + LISTEN_WAIT_S))
         if sock is None:
             fn.errors["extension not listening"] += 1
             return
+        fn.connected_at = time.perf_counter() - t0
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT_S)
         conn.sock = sock
         right = 0
@@ -541,48 +547,95 @@ def stop_processes(procs):
     return dict(codes)
 
 
-def run_extensions(mode, n, python, extension, proxy_url, values, logdir, cap_s):
+# Each environment's process waits here, before the extension's interpreter even starts,
+# until the start signal: it says it is ready (one byte on fd READY), blocks reading fd GO
+# until the benchmark closes the other end, closes both and execs the extension in place
+# (same process, a fresh interpreter). So all N extensions start at one instant, as a
+# fleet's do, whatever the time the benchmark takes to spawn N processes.
+HOLD = ("import os, sys\n"
+        "ready, go = int(sys.argv[1]), int(sys.argv[2])\n"
+        "os.write(ready, b'.')\n"
+        "os.read(go, 1)\n"
+        "os.close(ready)\n"
+        "os.close(go)\n"
+        "os.execv(sys.argv[3], sys.argv[3:])\n")
+HOLD_READY_S = 60.0  # N held processes all ready within this, or the scenario cannot run
+
+
+def spawn_held(n, python, argv, cwd, envs, logdir, mode):
+    """N processes held before argv, ready to be released together: (procs, go_fd).
+    Closing go_fd releases them all; if it is never closed, SIGTERM ends them."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    procs = []
+    try:
+        for i, env in enumerate(envs):
+            with open(os.path.join(logdir, f"{mode}-{i:03d}.log"), "wb") as out:
+                procs.append(subprocess.Popen([python, "-S", "-c", HOLD, str(ready_w), str(go_r), *argv], env=env,
+                                              cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                              stderr=subprocess.STDOUT, pass_fds=(ready_w, go_r)))
+        os.close(ready_w)
+        ready_w = None
+        waiting = n
+        deadline = time.perf_counter() + HOLD_READY_S
+        while waiting:
+            if not select.select([ready_r], [], [], max(0.0, deadline - time.perf_counter()))[0]:
+                raise RuntimeError(f"only {n - waiting} of {n} processes got ready in {HOLD_READY_S:.0f} s")
+            got = os.read(ready_r, waiting)
+            if not got:
+                raise RuntimeError(f"a held process exited before its release ({n - waiting} of {n} ready)")
+            waiting -= len(got)
+        return procs, go_w
+    except BaseException:
+        os.close(go_w)
+        stop_processes(procs)
+        raise
+    finally:
+        for fd in (ready_r, ready_w, go_r):
+            if fd is not None:
+                os.close(fd)
+
+
+def run_extensions(mode, n, python, command, proxy_url, values, logdir, cap_s):
     """N extensions started together, a function each; returns (functions, details)."""
     token = secrets.token_hex(24)
     ports = free_ports(n)
     prefetch = " ".join(f"ssm:{name}" for name in values) if mode == "prefetch" else ""
     functions = [Function(i) for i in range(n)]
-    procs = []
     start = StartSignal()
-    threads = []
     details = {}
+    spawned = time.perf_counter()
+    argv, cwd = command
+    procs, go = spawn_held(n, python, argv, cwd, [extension_env(port, proxy_url, token, prefetch) for port in ports],
+                           logdir, mode)
+    details["spawn_s"] = time.perf_counter() - spawned
+    threads = []
     try:
-        spawned = time.perf_counter()
-        for i, port in enumerate(ports):
-            with open(os.path.join(logdir, f"{mode}-{i:03d}.log"), "wb") as out:
-                procs.append(subprocess.Popen([python, "-S", extension], env=extension_env(
-                    port, proxy_url, token, prefetch), cwd=logdir, stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT))
-        # The start signal: every process spawned, the functions released. Spawning 60
-        # takes this loaded 2-core machine 1-3 s (the first processes are running by then,
-        # as Lambda starts an extension before the runtime): shown in the notes, not in the
-        # times, so that they do not measure this process's fork rate. What the extensions
-        # still need to start after the signal is in the times.
-        t0 = time.perf_counter()
-        details["spawn_s"] = t0 - spawned
-        deadline = t0 + cap_s
         for fn, port, proc in zip(functions, ports, procs):
             thread = threading.Thread(target=extension_function, daemon=True,
-                                      args=(fn, mode, port, proc, token, values, start, deadline))
+                                      args=(fn, mode, port, proc, token, values, start, cap_s))
             thread.start()
             threads.append(thread)
-        start.give(t0)
+        # The start signal: every extension starts and every function is released at once.
+        # The extensions' start-up (60 interpreters on 2 cores) is in the times, as a
+        # fleet's is in its INIT.
+        start.give()
+        os.close(go)
+        go = None
+        deadline = start.t0 + cap_s
         for thread in threads:
             thread.join(max(0.0, deadline + 1.0 - time.perf_counter()))
         details["unfinished"] = sum(1 for t in threads if t.is_alive())
     finally:
+        if go is not None:
+            os.close(go)
         details["exit_codes"] = stop_processes(procs)
     for fn, thread in zip(functions, threads):
         if thread.is_alive():
             fn.errors["unfinished at the scenario's cap"] += 1
+    listening = [fn.connected_at for fn in functions if fn.connected_at is not None]
+    details["last_listening_s"] = max(listening) if listening else None
     return functions, details
-
-
 
 
 def run_boto3(n, proxy_url, values, cap_s):
@@ -646,7 +699,7 @@ def judge(name, n, k, ok, errors, accepted, last_s, limit_s):
     return "-", None
 
 
-def run_scenario(name, n, k, rate, python, extension, proxy, values, logdir):
+def run_scenario(name, n, k, rate, python, command, proxy, values, logdir):
     cap_s = scenario_cap_s(n, k, rate)
     cpu_before = time.process_time()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -654,7 +707,7 @@ def run_scenario(name, n, k, rate, python, extension, proxy, values, logdir):
     if name == "boto3":
         functions, details = run_boto3(n, proxy.url, values, cap_s)
     else:
-        functions, details = run_extensions(name, n, python, extension, proxy.url, values, logdir, cap_s)
+        functions, details = run_extensions(name, n, python, command, proxy.url, values, logdir, cap_s)
         details.update(log_facts(logdir, name))
     wall_s = time.perf_counter() - began
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -703,13 +756,35 @@ def machine():
     return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(), "os": platform.platform()}
 
 
-def measure(python, extension, n=DEFAULT_N, k=DEFAULT_K, rate=DEFAULT_RATE, capacity=None, scenarios=SCENARIOS):
+LAYER_NAME = "parameters-secrets-extension"
+
+
+def extension_command(python, extension, logdir, as_script):
+    """(argv, cwd) of one extension. By default as the layer's bootstrap execs it: from
+    its hash-checked bytecode (as build_layer.sh ships it), `-E -s -S -u -m extension`;
+    with as_script, `-S extension.py`, which compiles the source at every start (about
+    twice the CPU: 60 of them at once on 2 cores take a second longer to be up)."""
+    if as_script:
+        return [python, "-S", str(extension)], logdir
+    layer = Path(logdir) / "opt" / LAYER_NAME
+    (layer / "__pycache__").mkdir(parents=True)
+    shutil.copyfile(extension, layer / "extension.py")
+    code = ("import importlib.util, py_compile, sys; py_compile.compile(sys.argv[1], "
+            "cfile=importlib.util.cache_from_source(sys.argv[1]), dfile='extension.py', doraise=True, "
+            "invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)")
+    subprocess.run([python, "-I", "-S", "-c", code, str(layer / "extension.py")], check=True)
+    return [python, "-E", "-s", "-S", "-u", "-m", "extension", LAYER_NAME], str(layer)
+
+
+def measure(python, extension, n=DEFAULT_N, k=DEFAULT_K, rate=DEFAULT_RATE, capacity=None, scenarios=SCENARIOS,
+            as_script=False):
     """Every scenario in turn against one moto and one throttle; the results as a dict."""
     capacity = rate if capacity is None else capacity
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         os.environ.pop(name, None)  # boto3 must talk to the loopback throttle directly
     began = time.perf_counter()
     result = {"settings": {"n": n, "k": k, "rate": rate, "capacity": capacity, "scenarios": list(scenarios),
+                           "extension_started": "as a script" if as_script else "from its bytecode, as the layer",
                            "load_average_at_start": os.getloadavg()[0], **machine()},
               "scenarios": []}
     values = names_and_values(k)
@@ -719,12 +794,13 @@ def measure(python, extension, n=DEFAULT_N, k=DEFAULT_K, rate=DEFAULT_RATE, capa
     try:
         seed(moto_port, values)
         with tempfile.TemporaryDirectory(prefix="fleet-") as logdir:
+            command = extension_command(python, extension, logdir, as_script)
             for index, name in enumerate(scenarios):
                 if index:
                     time.sleep(REFILL_S)  # let the machine settle after the last scenario's processes
                 proxy.reset()  # counters emptied, bucket full
                 log(f"{LABELS[name]}: {n} functions x {k} parameters at {rate:g} calls/s")
-                result["scenarios"].append(run_scenario(name, n, k, rate, python, extension, proxy, values, logdir))
+                result["scenarios"].append(run_scenario(name, n, k, rate, python, command, proxy, values, logdir))
     finally:
         proxy.shutdown()
         proxy.server_close()
@@ -752,8 +828,8 @@ def notes(s):
     if s["error_kinds"]:
         parts.append("errors: " + ", ".join(f"{kind} x{count}" for kind, count in s["error_kinds"].items()))
     parts.append(f"all functions done at {seconds(s['all_finished_s'])}")
-    if "spawn_s" in s:
-        parts.append(f"spawning the {s['functions']} processes took {s['spawn_s']:.2f} s")
+    if s.get("last_listening_s") is not None:
+        parts.append(f"the last extension listening at {s['last_listening_s']:.2f} s")
     p = s["proxy"]
     if p["upstream_ms"]:
         parts.append(f"moto answered accepted calls in {p['upstream_ms']['p50']:.1f} ms p50, "
@@ -793,7 +869,8 @@ COLUMNS = ("how the functions read", "functions with every value", "errors calle
 def print_table(result, out=sys.stdout):
     st = result["settings"]
     out.write(f"fleet: N={st['n']} functions started at once, K={st['k']} parameters each, R={st['rate']:g} calls/s "
-              f"(one bucket for GetParameter, GetParameters and GetParametersByPath, capacity {st['capacity']:g})\n")
+              f"(one bucket for GetParameter, GetParameters and GetParametersByPath, capacity {st['capacity']:g}); "
+              f"extensions started {st['extension_started']}\n")
     out.write(f"machine: {st['cpu']}, {st['cpus']} CPUs, Python {st['python']}; load average (1 min) "
               f"{st['load_average_at_start']:.1f} at start, {st['load_average_at_end']:.1f} at end; "
               f"ran {result['seconds']} s\n\n")
@@ -839,6 +916,9 @@ def parse_args(argv):
     p.add_argument("--python", default=os.path.realpath(sys.executable),
                    help="interpreter for the extensions (run with -S; default: this one, resolved)")
     p.add_argument("--extension", default=str(ROOT / "extension.py"), help="path of extension.py")
+    p.add_argument("--as-script", action="store_true",
+                   help="start the extensions as `python -S extension.py` (compiled at every start) instead of "
+                        "as the layer does, from hash-checked bytecode")
     args = p.parse_args(argv)
     if args.n < 1 or not 1 <= args.k <= MAX_GET_MULTIPLE_NAMES or args.rate <= 0:
         p.error(f"--n must be at least 1, --k from 1 to {MAX_GET_MULTIPLE_NAMES}, --rate above 0")
@@ -853,7 +933,8 @@ def main(argv=None):
         print(f"fleet: {args.extension} not found", file=sys.stderr)
         return 2
     try:
-        result = measure(args.python, args.extension, args.n, args.k, args.rate, args.capacity, args.scenarios)
+        result = measure(args.python, args.extension, args.n, args.k, args.rate, args.capacity, args.scenarios,
+                         args.as_script)
     except ImportError as exc:
         print(f"fleet: {exc}: it needs boto3 and moto[server]; run it with the dev venv "
               "(.venv/bin/python bench/fleet.py)", file=sys.stderr)

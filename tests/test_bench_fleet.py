@@ -167,11 +167,13 @@ def test_a_tiny_fleet_of_every_scenario_with_nothing_throttled_gets_every_value_
     assert rows["boto3 directly, standard retries"][-2:] == ["-", "info"]
     assert "notes:" in done.stdout
 
+    # The extension as a script this time (compiled at start), and the figures as JSON.
     done = subprocess.run([sys.executable, str(FLEET), "--n", "2", "--k", "12", "--rate", "20", "--scenarios",
-                           "get-multiple", "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                           "get-multiple", "--as-script", "--json"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["settings"]["capacity"] == 20
+    assert (result["settings"]["capacity"], result["settings"]["extension_started"]) == (20, "as a script")
     (figures,) = result["scenarios"]
     # 12 names: two GetParameters calls (10 + 2) for each of the 2 functions.
     assert {key: figures[key] for key in ("scenario", "with_every_value", "errors", "accepted", "throttled",
