@@ -824,7 +824,8 @@ def measure(python, extension, n=DEFAULT_N, k=DEFAULT_K, rate=DEFAULT_RATE, capa
 
 
 def seconds(value):
-    return "-" if value is None else f"{value:.1f} s"
+    """Two decimals below 10 s (a limit of 0.75 s is not 0.8 s), one above."""
+    return "-" if value is None else f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
 
 
 def verdict(passed):
@@ -864,11 +865,11 @@ def report(result):
     st = result["settings"]
     rows = []
     for s in result["scenarios"]:
-        ratio = "-" if s["ratio"] is None else f"last {s['last_with_values_s']:.1f} s = {s['ratio']:.2f}x"
+        ratio = "" if s["ratio"] is None else f"last {seconds(s['last_with_values_s'])} = {s['ratio']:.2f}x "
         rows.append((f"{s['label']} ({st['n']} x {st['k']} at {st['rate']:g}/s)",
                      f"{s['with_every_value']} of {s['functions']} ok, {s['errors']} errors",
                      f"calls {s['accepted']:,} / {s['throttled']:,} thr", notes(s),
-                     f"{ratio} limit {s['limit_s']:.1f} s", s["target"], s["passed"]))
+                     f"{ratio}limit {seconds(s['limit_s'])}", s["target"], s["passed"]))
     return rows
 
 
@@ -888,7 +889,7 @@ def print_table(result, out=sys.stdout):
     for s in result["scenarios"]:
         table.append((s["label"], f"{s['with_every_value']} of {s['functions']}", f"{s['errors']:,}",
                        f"{s['accepted']:,} / {s['throttled']:,}", seconds(s["last_with_values_s"]),
-                       f"{s['limit_s']:.1f} s", "-" if s["ratio"] is None else f"{s['ratio']:.2f}x",
+                       seconds(s["limit_s"]), "-" if s["ratio"] is None else f"{s['ratio']:.2f}x",
                        s["target"], verdict(s["passed"])))
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     for index, row in enumerate(table):

@@ -145,13 +145,13 @@ def test_a_tiny_fleet_of_every_scenario_with_nothing_throttled_gets_every_value_
     rows = table_rows(done.stdout)
     # functions with every value, errors, calls accepted / throttled, ..., limit N*calls/R
     expected = {
-        "one by one through the extension": ("3 of 3", "0", "9 / 0", "0.5 s"),
-        "one get-multiple call": ("3 of 3", "0", "3 / 0", "0.1 s"),
+        "one by one through the extension": ("3 of 3", "0", "9 / 0", "0.45 s"),
+        "one get-multiple call": ("3 of 3", "0", "3 / 0", "0.15 s"),
         # Calls: from 1 an extension (one batched prefetch the reads all wait for) to 3
         # (each value once: a read joins the prefetch's call in flight or hits the cache),
         # depending on the prefetch's design and on who comes first.
-        "prefetch configured, then one by one": ("3 of 3", "0", None, "0.1 s"),
-        "boto3 directly, standard retries": ("3 of 3", "0", "9 / 0", "0.5 s"),
+        "prefetch configured, then one by one": ("3 of 3", "0", None, "0.15 s"),
+        "boto3 directly, standard retries": ("3 of 3", "0", "9 / 0", "0.45 s"),
     }
     assert set(rows) == set(expected)
     for label, (every, errors, calls, limit) in expected.items():
