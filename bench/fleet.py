@@ -794,7 +794,8 @@ def measure(python, extension, n=DEFAULT_N, k=DEFAULT_K, rate=DEFAULT_RATE, capa
         os.environ.pop(name, None)  # boto3 must talk to the loopback throttle directly
     began = time.perf_counter()
     result = {"settings": {"n": n, "k": k, "rate": rate, "capacity": capacity, "scenarios": list(scenarios),
-                           "extension_started": "as a script" if as_script else "from its bytecode, as the layer",
+                           "extension_started": ("as a script" if as_script
+                                                 else "from bytecode, as the layer's bootstrap does"),
                            "load_average_at_start": os.getloadavg()[0], **machine()},
               "scenarios": []}
     values = names_and_values(k)
