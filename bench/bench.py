@@ -4,9 +4,10 @@
     python3 bench/bench.py [--json] [--quick] [--strict] [--no-fleet]
 
 Run it from the repository root with a Python that has boto3 and moto[server] (the
-project's dev venv). It starts everything it needs on loopback and takes about two
-minutes (about 60 s, then the fleet section, bench/fleet.py, 30-60 s; with --quick
-about 35 s and a fleet of 30; --no-fleet skips that section):
+project's dev venv). It starts everything it needs on loopback and takes under two
+minutes (about 55 s, then the fleet section, bench/fleet.py: about 25 s with today's
+extension, up to a minute with one that waits out the throttle; with --quick about 45 s
+in all, with a fleet of 30; --no-fleet skips that section):
 
 - a moto server (ThreadedMotoServer, in this process) seeded with the benchmark
   parameter, a secret and 1,000 parameters of 4 KB;
@@ -1082,7 +1083,7 @@ def print_table(rows, out=sys.stdout):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    p.add_argument("--quick", action="store_true", help="fewer samples: about 30 s instead of under 2 min")
+    p.add_argument("--quick", action="store_true", help="fewer samples and a fleet of 30: about 45 s instead of 80")
     p.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
     p.add_argument("--no-fleet", action="store_true",
                    help="skip the fleet section (bench/fleet.py: N extensions at once against a throttled "
