@@ -843,6 +843,9 @@ def notes(s):
     if s.get("last_listening_s") is not None:
         parts.append(f"the last extension listening at {s['last_listening_s']:.2f} s")
     p = s["proxy"]
+    parts.append("calls by target: " + ", ".join(
+        f"{target.split('.')[-1]} {counts.get('accepted', 0):,}/{counts.get('throttled', 0):,}"
+        for target, counts in sorted(p["by_target"].items())))
     if p["upstream_ms"]:
         parts.append(f"moto answered accepted calls in {p['upstream_ms']['p50']:.1f} ms p50, "
                      f"{p['upstream_ms']['max']:.0f} ms max")
