@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Benchmark: the extension against its floor and against the SDK path.
 
-    python3 bench/bench.py [--json] [--quick] [--strict]
+    python3 bench/bench.py [--json] [--quick] [--strict] [--no-fleet]
 
 Run it from the repository root with a Python that has boto3 and moto[server] (the
 project's dev venv). It starts everything it needs on loopback and takes under two
-minutes (about 60 s; about 35 s with --quick):
+minutes (about 55 s, then the fleet section, bench/fleet.py: about 25 s with today's
+extension, up to a minute with one that waits out the throttle; with --quick about 45 s
+in all, with a fleet of 30; --no-fleet skips that section):
 
 - a moto server (ThreadedMotoServer, in this process) seeded with the benchmark
   parameter, a secret and 1,000 parameters of 4 KB;
@@ -47,6 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import coldstart  # bench/coldstart.py, beside this file
+import fleet  # bench/fleet.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR_SCRIPT = ROOT / "bench" / "floor_server.py"
@@ -87,6 +90,10 @@ class Settings:
         self.fill_count = 1000  # the target is about 1,000 values even with --quick
         self.concurrent_cold = 64
         self.ttl_requests = 1000
+        # The fleet: N environments at once, K parameters each, Parameter Store's 40 calls/s.
+        self.fleet_n = 30 if quick else fleet.DEFAULT_N
+        self.fleet_k = fleet.DEFAULT_K
+        self.fleet_rate = fleet.DEFAULT_RATE
 
 
 _STARTED = time.perf_counter()
@@ -1026,6 +1033,11 @@ def build_rows(r):
         for figure, value, reference, note, ratio, target, passed in coldstart.report(r["lambda_cold_start"]):
             rows.append(row(f"Lambda cold start: {figure}", value, reference, ratio, target, passed, note))
 
+    if "fleet" in r:
+        # bench/fleet.py's rows, one per scenario: (figure, value, reference, note, ratio, target, passed)
+        for figure, value, reference, note, ratio, target, passed in fleet.report(r["fleet"]):
+            rows.append(row(f"fleet: {figure}", value, reference, ratio, target, passed, note))
+
     sk = lat["secret_keep_alive"]
     rows.append(row("secret hit p50, keep-alive", f"{sk['p50_ms']:.3f} ms", "-", "-", "-", None,
                     f"p99 {sk['p99_ms']:.3f} ms"))
@@ -1071,8 +1083,11 @@ def print_table(rows, out=sys.stdout):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    p.add_argument("--quick", action="store_true", help="fewer samples: about 30 s instead of under 2 min")
+    p.add_argument("--quick", action="store_true", help="fewer samples and a fleet of 30: about 45 s instead of 80")
     p.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
+    p.add_argument("--no-fleet", action="store_true",
+                   help="skip the fleet section (bench/fleet.py: N extensions at once against a throttled "
+                        "Parameter Store, 30-60 s)")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the extension, the floor and the load clients (run with -S)")
     p.add_argument("--extension", default=str(ROOT / "extension.py"), help="path of extension.py")
@@ -1139,6 +1154,13 @@ def run(args):
             launcher.stop_all()
             proxy.shutdown()
             moto.stop()
+    if not (args.no_fleet or args.stand_in_floor):
+        # Last, once everything above has stopped: 60 processes starting at once would
+        # disturb any figure taken beside them. It has a moto and a proxy of its own.
+        log(f"fleet: {settings.fleet_n} extensions started at once, {settings.fleet_k} parameters each, "
+            f"against a {settings.fleet_rate:g} calls/s throttle")
+        results["fleet"] = fleet.measure(os.path.realpath(args.python), args.extension, settings.fleet_n,
+                                         settings.fleet_k, settings.fleet_rate)
     results["seconds"] = round(time.perf_counter() - began, 1)
     results["machine"]["load_average_at_end"] = os.getloadavg()[0]
     results["rows"] = build_rows(results)
