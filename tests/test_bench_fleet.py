@@ -147,21 +147,15 @@ def test_a_tiny_fleet_of_every_scenario_with_nothing_throttled_gets_every_value_
     expected = {
         "one by one through the extension": ("3 of 3", "0", "9 / 0", "0.45 s"),
         "one get-multiple call": ("3 of 3", "0", "3 / 0", "0.15 s"),
-        # Calls: from 1 an extension (one batched prefetch the reads all wait for) to 3
-        # (each value once: a read joins the prefetch's call in flight or hits the cache),
-        # depending on the prefetch's design and on who comes first.
-        "prefetch configured, then one by one": ("3 of 3", "0", None, "0.15 s"),
+        # One batched prefetch call an extension: the reads all hit the cache, or join
+        # the call in flight (prefetch claims its names before the extension serves).
+        "prefetch configured, then one by one": ("3 of 3", "0", "3 / 0", "0.15 s"),
         "boto3 directly, standard retries": ("3 of 3", "0", "9 / 0", "0.45 s"),
     }
     assert set(rows) == set(expected)
     for label, (every, errors, calls, limit) in expected.items():
         cells = rows[label]
-        assert (cells[0], cells[1], cells[4]) == (every, errors, limit), (label, cells)
-        if calls is not None:
-            assert cells[2] == calls, (label, cells)
-        else:
-            accepted, throttled = (int(x) for x in cells[2].split(" / "))
-            assert 3 <= accepted <= 9 and throttled == 0, (label, cells)
+        assert (cells[0], cells[1], cells[2], cells[4]) == (every, errors, calls, limit), (label, cells)
     assert rows["one by one through the extension"][-2:] == ["0 errors", "pass"]
     assert rows["one get-multiple call"][-2] == "<= 3 calls, 0 errors, last <= 1.23 s"  # 1.5 x 0.15 s + 1 s
     assert rows["boto3 directly, standard retries"][-2:] == ["-", "info"]
