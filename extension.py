@@ -2309,8 +2309,8 @@ class Batch:
             if type(outcome) is tuple:
                 found.append(self.entry(outcome[0]))
                 statuses.add(outcome[1])
-            elif self.listed(text, outcome) is not None:
-                failed.append(self.listed(text, outcome))
+            elif (item := self.listed(text, outcome)) is not None:
+                failed.append(item)
                 statuses.add("miss" if service.ttl[self.aws_service] else "bypass")  # errors are never cached
             else:
                 raise outcome
@@ -2328,8 +2328,7 @@ class ParameterBatch(Batch):
     def __init__(self, texts, decrypt, refresh):
         super().__init__(texts, [("ssm",) + split_selector(text) + (decrypt,) for text in texts], refresh)
 
-    @staticmethod
-    def chunks(entries):
+    def chunks(self, entries):
         # One parameter at most once a call: an answer names /a without its selector
         # (moto never echoes it; in any order), so /a, /a:1 and /a:prod in one call
         # could not be told apart. Asking for several versions of one parameter costs
@@ -2346,20 +2345,16 @@ class ParameterBatch(Batch):
             bases[index].add(base)
         return chunks
 
-    @staticmethod
-    def payload(chunk):
+    def payload(self, chunk):
         return {"Names": [text for text, _ in chunk], "WithDecryption": chunk[0][1][3]}
 
-    @staticmethod
-    def split(answer, chunk):
+    def split(self, answer, chunk):
         return split_parameters(answer, [(text, key[1], key[2]) for text, key in chunk])
 
-    @staticmethod
-    def entry(body):
+    def entry(self, body):
         return body[len(PARAMETER_HEAD):-len(RESULT_TAIL)]
 
-    @staticmethod
-    def listed(text, error):
+    def listed(self, text, error):
         return text if isinstance(error, AwsError) and error.error_type in PARAMETER_NOT_FOUND else None
 
 
@@ -2374,24 +2369,19 @@ class SecretBatch(Batch):
     def __init__(self, ids, refresh):
         super().__init__(ids, [("secretsmanager", secret_id, None, None) for secret_id in ids], refresh)
 
-    @staticmethod
-    def chunks(entries):
+    def chunks(self, entries):
         return [entries[start:start + MAX_SECRET_IDS] for start in range(0, len(entries), MAX_SECRET_IDS)]
 
-    @staticmethod
-    def payload(chunk):
+    def payload(self, chunk):
         return {"SecretIdList": [text for text, _ in chunk]}
 
-    @staticmethod
-    def split(answer, chunk):
+    def split(self, answer, chunk):
         return split_secrets(answer, [text for text, _ in chunk])
 
-    @staticmethod
-    def entry(body):
+    def entry(self, body):
         return body[:-len(RESULT_TAIL)] + b"}"
 
-    @staticmethod
-    def listed(secret_id, error):
+    def listed(self, secret_id, error):
         if isinstance(error, ItemError):
             return {"SecretId": secret_id, "ErrorCode": error.error_type, "Message": error.message}
         return None
@@ -2536,18 +2526,12 @@ class Service:
     store, the AWS clients and the clocks (clock: monotonic, for deadlines and the cache;
     wall: for expiry across a snapshot restore; sleep: for retry backoff)."""
 
-    ROUTES = {
-        "/systemsmanager/parameters/get": parameter_lookup,
-        "/systemsmanager/parameters/get/": parameter_lookup,
-        "/secretsmanager/get": secret_lookup,
-        "/secretsmanager/get/": secret_lookup,
-        "/systemsmanager/parameters/get-by-path": path_lookup,
-        "/systemsmanager/parameters/get-by-path/": path_lookup,
-        "/systemsmanager/parameters/get-multiple": names_lookup,
-        "/systemsmanager/parameters/get-multiple/": names_lookup,
-        "/secretsmanager/batch-get": secret_ids_lookup,
-        "/secretsmanager/batch-get/": secret_ids_lookup,
-    }
+    # Each route with and without a trailing slash, as the official extension serves them.
+    ROUTES = {path + end: route for path, route in (
+        ("/systemsmanager/parameters/get", parameter_lookup), ("/secretsmanager/get", secret_lookup),
+        ("/systemsmanager/parameters/get-by-path", path_lookup),
+        ("/systemsmanager/parameters/get-multiple", names_lookup), ("/secretsmanager/batch-get", secret_ids_lookup),
+    ) for end in ("", "/")}
 
     def __init__(self, config, log, credentials, stats=None, clock=time.monotonic, wall=time.time, sleep=time.sleep):
         self.config = config
