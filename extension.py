@@ -492,15 +492,20 @@ NEAR_MISS_WORDS = ("PARAMETER", "SECRET", "SSM", "EXTENSION", "ENDPOINT_URL")
 
 # Config's fields: the settings above, then what load_config derives from the rest of
 # the environment (None where absent).
-CONFIG_FIELDS = tuple((field, _typed(default, accepted)) for _, field, default, accepted in SETTINGS) + (
-    ("prefetch", ()), ("log_format", "text"),
-    ("region", None), ("ssm_endpoint", None), ("secrets_endpoint", None), ("endpoint_error", None),
-    ("lambda_runtime_api", None), ("initialization_type", None), ("home", None),
-    ("request_token", None), ("access_key_id", None), ("secret_access_key", None), ("session_token", None),
-    ("container_full_uri", None), ("container_relative_uri", None), ("container_token", None),
-    ("container_token_file", None), ("profile", "default"), ("shared_credentials_file", None),
-    ("config_file", None),
+# The fields read as they are, from one variable each (empty counts as absent):
+AS_IS = (
+    ("lambda_runtime_api", "AWS_LAMBDA_RUNTIME_API"), ("initialization_type", "AWS_LAMBDA_INITIALIZATION_TYPE"),
+    ("home", "HOME"), ("access_key_id", "AWS_ACCESS_KEY_ID"), ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+    ("session_token", "AWS_SESSION_TOKEN"), ("container_full_uri", "AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+    ("container_relative_uri", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
+    ("container_token", "AWS_CONTAINER_AUTHORIZATION_TOKEN"),
+    ("container_token_file", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"),
+    ("shared_credentials_file", "AWS_SHARED_CREDENTIALS_FILE"), ("config_file", "AWS_CONFIG_FILE"),
 )
+CONFIG_FIELDS = tuple((field, _typed(default, accepted)) for _, field, default, accepted in SETTINGS) + (
+    ("prefetch", ()), ("log_format", "text"), ("region", None), ("ssm_endpoint", None), ("secrets_endpoint", None),
+    ("endpoint_error", None), ("request_token", None), ("profile", "default"),
+) + tuple((field, None) for field, _ in AS_IS)
 # Kept out of repr(), so that no log line can ever print them.
 SECRET_FIELDS = frozenset(("request_token", "secret_access_key", "session_token", "container_token"))
 
@@ -644,19 +649,8 @@ def load_config(environ):
 
     values["request_token"] = (_present(environ, "AWS_TOKEN") or _present(environ, "AWS_SESSION_TOKEN")
                                or _present(environ, "AWS_CONTAINER_AUTHORIZATION_TOKEN"))
-    values["access_key_id"] = _present(environ, "AWS_ACCESS_KEY_ID")
-    values["secret_access_key"] = _present(environ, "AWS_SECRET_ACCESS_KEY")
-    values["session_token"] = _present(environ, "AWS_SESSION_TOKEN")
-    values["container_full_uri"] = _present(environ, "AWS_CONTAINER_CREDENTIALS_FULL_URI")
-    values["container_relative_uri"] = _present(environ, "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
-    values["container_token"] = _present(environ, "AWS_CONTAINER_AUTHORIZATION_TOKEN")
-    values["container_token_file"] = _present(environ, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
     values["profile"] = _present(environ, "AWS_PROFILE") or "default"
-    values["home"] = _present(environ, "HOME")
-    values["shared_credentials_file"] = _present(environ, "AWS_SHARED_CREDENTIALS_FILE")
-    values["config_file"] = _present(environ, "AWS_CONFIG_FILE")
-    values["lambda_runtime_api"] = _present(environ, "AWS_LAMBDA_RUNTIME_API")
-    values["initialization_type"] = _present(environ, "AWS_LAMBDA_INITIALIZATION_TYPE")
+    values.update((field, _present(environ, variable)) for field, variable in AS_IS)
 
     messages.extend(("warn", text) for text in near_miss_warnings(environ))
     return Config(**values), messages
