@@ -2025,7 +2025,7 @@ def parse_query(query):
     return pairs
 
 
-def _single_values(pairs, allowed):
+def single_values(pairs, allowed):
     """{key: value} with unknown and repeated keys refused. A near-miss unknown key (a
     typo such as withdecryption) is named with the intended key: it must not silently
     return ciphertext."""
@@ -2172,7 +2172,8 @@ def run_concurrently(functions, clock, deadline):
         except (RuntimeError, MemoryError):
             run(index, event)
         events.append(event)
-    run(0, threading.Event())
+    if functions:
+        run(0, threading.Event())
     for index, event in enumerate(events, 1):
         wait = WAIT_WITHOUT_BUDGET if deadline is None else deadline - clock() + 0.5
         if not event.wait(max(0.0, wait)):
@@ -2416,7 +2417,7 @@ def _list(values, key, what, limit):
 
 
 def parameter_lookup(pairs):
-    values = _single_values(pairs, PARAMETER_KEYS)
+    values = single_values(pairs, PARAMETER_KEYS)
     name = _identifier(values, "name", "the parameter name")
     decrypt = _boolean(values, "withDecryption")
     refresh = _boolean(values, "refreshNow")
@@ -2448,7 +2449,7 @@ def parameter_read(name, selector, decrypt, refresh=False, json_key=None, raw=Fa
 
 
 def secret_lookup(pairs):
-    values = _single_values(pairs, SECRET_KEYS)
+    values = single_values(pairs, SECRET_KEYS)
     secret_id = _identifier(values, "secretId", "the secret name or ARN")
     refresh = _boolean(values, "refreshNow")
     json_key, raw = _projection(values)
@@ -2477,7 +2478,7 @@ READS = {"ssm": parameter_read, "secretsmanager": secret_read}
 
 
 def path_lookup(pairs):
-    values = _single_values(pairs, PATH_KEYS)
+    values = single_values(pairs, PATH_KEYS)
     path = _identifier(values, "path", "the parameter path")
     if not path.startswith("/"):
         raise ClientError(400, "InvalidQueryValue", "path must start with '/'")
@@ -2489,13 +2490,13 @@ def path_lookup(pairs):
 
 
 def names_lookup(pairs):
-    values = _single_values(pairs, NAMES_KEYS)
+    values = single_values(pairs, NAMES_KEYS)
     return ParameterBatch(_list(values, "names", "parameter names", MAX_NAMES), _boolean(values, "withDecryption"),
                           _boolean(values, "refreshNow"))
 
 
 def secret_ids_lookup(pairs):
-    values = _single_values(pairs, SECRET_IDS_KEYS)
+    values = single_values(pairs, SECRET_IDS_KEYS)
     return SecretBatch(_list(values, "secretIds", "secret names or ARNs", MAX_SECRET_IDS),
                        _boolean(values, "refreshNow"))
 
@@ -2669,7 +2670,7 @@ class Service:
                                   "would save calls")
             reads = [READS[service](*key[1:]) for key in singles]
             outcomes = run_concurrently([lambda read=read: read.fetch(client, deadline) for read in reads],
-                                        self.clock, deadline) if reads else []
+                                        self.clock, deadline)
             for key, outcome in zip(singles, outcomes):
                 if isinstance(outcome, Exception) and not isinstance(outcome, UpstreamError):
                     raise outcome
@@ -3342,7 +3343,7 @@ def parse_reference(kind, body, text):
         raise UnresolvedReference("MalformedReference", "the name holds white space, a brace or a control character")
     try:
         pairs = parse_query(query) if question else []
-        values = _single_values(pairs, REFERENCE_KEYS[kind])
+        values = single_values(pairs, REFERENCE_KEYS[kind])
         sent = [(key, value) for key, value in pairs if key != "jsonKey"]
         # The HTTP API's own checks (name length, version digits, label length...).
         if kind == "ssm":
@@ -3506,39 +3507,32 @@ class LocalClient:
 
 def fetch_references(references, config, workers=REFERENCE_WORKERS):
     """{fetch_key: value or UnresolvedReference} for the distinct fetch keys of references,
-    fetched at most `workers` at a time, each worker on its own connection."""
+    fetched at most `workers` at a time, each worker on its own connection (in threads
+    of run_concurrently's, the file's thread rule)."""
     pending = list(dict.fromkeys(reference.fetch_key for reference in references))
     by_key = {reference.fetch_key: reference for reference in references}
     results = {}
-    lock = threading.Lock()
 
     def work():
         client = LocalClient(config)
         try:
-            while True:
-                with lock:
-                    if not pending:
-                        return
-                    key = pending.pop(0)
+            while pending:
                 try:
-                    result = client.value(by_key[key])
+                    key = pending.pop(0)  # list.pop is atomic: no two workers take one key
+                except IndexError:
+                    return
+                try:
+                    results[key] = client.value(by_key[key])
                 except UnresolvedReference as error:
-                    result = error
+                    results[key] = error
                 except AwsError as error:
-                    result = UnresolvedReference(error.error_type, error.message)
+                    results[key] = UnresolvedReference(error.error_type, error.message)
                 except Exception as error:  # a bug: named, never a value
-                    result = UnresolvedReference("InternalError", type(error).__name__)
-                with lock:
-                    results[key] = result
+                    results[key] = UnresolvedReference("InternalError", type(error).__name__)
         finally:
             client.close()
 
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(pending)) - 1)]
-    for thread in threads:
-        thread.start()
-    work()  # the main thread is a worker too: one reference needs no thread at all
-    for thread in threads:
-        thread.join()
+    run_concurrently([work] * min(workers, len(pending)), time.monotonic, None)
     return results
 
 

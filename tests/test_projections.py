@@ -135,7 +135,7 @@ def test_the_cached_value_is_whole_after_a_projection(world):
     ("?secretId=s&jsonKey=" + "k" * 2049, "jsonKey must be 1 to 2048 characters"),
 ])
 def test_bad_projection_values_are_400(target, message):
-    values = extension._single_values(extension.parse_query(target[1:]), extension.SECRET_KEYS)
+    values = extension.single_values(extension.parse_query(target[1:]), extension.SECRET_KEYS)
     with pytest.raises(extension.ClientError) as caught:
         extension._projection(values)
     assert (caught.value.status, caught.value.error_type, caught.value.message) == (400, "InvalidQueryValue", message)
