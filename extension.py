@@ -49,6 +49,9 @@ docs/configuration.md)
                                                         batches at start
     PARAMETERS_SECRETS_EXTENSION_METRICS          none  emf: also print the shutdown figures as one
                                                         CloudWatch Embedded Metric Format line
+    PARAMETERS_SECRETS_EXTENSION_REFRESH_AHEAD    0     percent of a TTL after which a hit also
+                                                        refreshes the value in the background
+                                                        (0-99; 0 = never)
     and the AWS SDK conventions: AWS_REGION / AWS_DEFAULT_REGION; AWS_ACCESS_KEY_ID,
     AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN; AWS_CONTAINER_CREDENTIALS_FULL_URI /
     _RELATIVE_URI with AWS_CONTAINER_AUTHORIZATION_TOKEN / _TOKEN_FILE; AWS_PROFILE,
@@ -457,6 +460,7 @@ SETTINGS = (
     ("PARAMETERS_SECRETS_EXTENSION_MAX_CLIENTS",        "max_clients",        64,     (1, 1024)),
     ("PARAMETERS_SECRETS_EXTENSION_READ_TIMEOUT_MILLIS", "read_timeout_ms",   10000,  (100, 600000)),
     ("PARAMETERS_SECRETS_EXTENSION_METRICS",            "metrics",            "none", ("none", "emf")),
+    ("PARAMETERS_SECRETS_EXTENSION_REFRESH_AHEAD",      "refresh_ahead",      0,      (0, 99)),
 )
 # Out of range, a port is not clamped but falls back to the default: port 1 or 65535 is
 # never what someone who wrote 0 or 70000 meant.
@@ -1418,7 +1422,9 @@ class ServiceClient:
                                    body, credentials, self.region, self.aws_service, datetime.now(timezone.utc))
             self.stats.add("aws_calls")
             status, data, reusable = exchange(connection, "POST", self.path, headers, body, end)
-            if reusable and (status == 200 or 400 <= status < 600):
+            # Not past its deadline either: an exchange that ends late was frozen midway (a
+            # Lambda freeze) or stalled, and its connection is not trusted with another.
+            if reusable and self.clock() <= end and (status == 200 or 400 <= status < 600):
                 self._release(connection)
                 connection = None
         except socket.timeout:
@@ -1678,6 +1684,9 @@ def describe_key(key):
     return f"{key[0]} {shown(repr(key[1]))}"
 
 
+INFINITY = float("inf")
+
+
 def drop_oldest(entries, over):
     """Drop the entries of an OrderedDict from its old end while over(value) holds."""
     while entries:
@@ -1691,7 +1700,8 @@ class TTLCache:
     """A least-recently-used cache whose entries also expire.
 
     Entries live in an OrderedDict from least to most recently used, each
-    (value, expiry on clock, expiry on wall). An entry is fresh only while both clocks
+    (value, expiry on clock, expiry on wall, refresh point on clock: ahead, a share of the
+    TTL, after the put; never when ahead is 0). An entry is fresh only while both clocks
     are before its expiry: the monotonic clock cannot be set back, and the wall clock
     counts the time a paused or snapshot-restored VM was not running, which the monotonic
     one does not (docs/design.md, "SnapStart"). Expired entries are kept max_stale
@@ -1699,11 +1709,12 @@ class TTLCache:
     Lock rule: self._lock guards self._entries and is held only for the dictionary
     operations of one method call, never during I/O or a call out."""
 
-    def __init__(self, max_items, max_stale=0.0, clock=time.monotonic, wall=time.time):
+    def __init__(self, max_items, max_stale=0.0, clock=time.monotonic, wall=time.time, ahead=0.0):
         self.max_items = max_items
         self.max_stale = max_stale
         self.clock = clock
         self.wall = wall
+        self.ahead = ahead
         self._entries = OrderedDict()
         self._lock = threading.Lock()
 
@@ -1711,10 +1722,10 @@ class TTLCache:
         """The value if fresh, else None. A hit becomes the most recently used."""
         return self.get_many((key,)).get(key)
 
-    def get_many(self, keys):
+    def get_many(self, keys, due=None):
         """{key: value} for those of keys that are fresh, each hit becoming the most
         recently used, under one lock and one reading of the clocks; a dead entry met on
-        the way is dropped."""
+        the way is dropped. due: a list to which the hits past their refresh point are added."""
         found = {}
         with self._lock:
             now, wall_now = self.clock(), self.wall()
@@ -1725,6 +1736,8 @@ class TTLCache:
                 if now < entry[1] and wall_now < entry[2]:
                     self._entries.move_to_end(key)      # LRU: used now
                     found[key] = entry[0]
+                    if due is not None and now >= entry[3]:
+                        due.append(key)
                 elif self._dead(entry, now, wall_now):
                     del self._entries[key]
         return found
@@ -1742,7 +1755,7 @@ class TTLCache:
     def put(self, key, value, ttl):
         with self._lock:
             now, wall_now = self.clock(), self.wall()
-            self._entries[key] = (value, now + ttl, wall_now + ttl)
+            self._entries[key] = (value, now + ttl, wall_now + ttl, now + ttl * self.ahead if self.ahead else INFINITY)
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_items:
                 self._entries.popitem(last=False)   # evict the least recently used
@@ -1766,7 +1779,10 @@ class TTLCache:
 class Stats:
     """Counters for the shutdown summary and the metrics line."""
 
-    NAMES = ("hits", "misses", "aws_calls", "errors", "stale")
+    # Each counter, and its name as a CloudWatch metric (PARAMETERS_SECRETS_EXTENSION_METRICS=emf).
+    METRICS = {"hits": "Hits", "misses": "Misses", "aws_calls": "AwsCalls", "errors": "Errors",
+               "stale": "StaleAnswers", "refreshed_ahead": "RefreshedAhead"}
+    NAMES = tuple(METRICS)
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -1804,9 +1820,13 @@ WAIT_WITHOUT_BUDGET = (THROTTLE_WINDOW + MAX_ATTEMPTS * (ATTEMPT_TIMEOUT_WITHOUT
 
 
 class Store:
-    """The cache, the rule of one AWS call per miss, refreshNow's rate, and stale values
-    when AWS fails transiently.
+    """The cache, the rule of one AWS call per miss, refreshNow's rate, refreshes ahead of
+    expiry, and stale values when AWS fails transiently.
 
+    A call (call(keys, deadline) -> {key: value or UpstreamError}) is made for the keys a
+    request leads, with the request's deadline; a refresh ahead is made in a thread of its
+    own, with that deadline or, without one, ATTEMPT_TIMEOUT_WITHOUT_BUDGET: so a refresh
+    that a Lambda freeze cuts (epoch: the events seen) ends at thaw, and is dropped.
     Lock rule: self._lock guards self._flights and self._refreshes only; the AWS call is
     made with no lock held, and a request waits for another's call only until its own
     deadline."""
@@ -1819,39 +1839,49 @@ class Store:
         self._flights = {}                 # key -> _Flight in progress
         self._refreshes = OrderedDict()    # key -> (started, value, error), oldest first
         self._lock = threading.Lock()
+        self.epoch = 0                     # Lambda events seen: one between a refresh's start and end cut it
+        self.stopped = False               # after SHUTDOWN nothing is refreshed
 
     def get(self, key, call, ttl, refresh=False, deadline=None):
         """(value, cache status) for key, status one of hit / miss / stale / bypass.
-        call() makes the AWS call and returns the value; ttl 0 means this key is never
-        cached; deadline (monotonic, or None) bounds any wait for another request's call.
-        The rules are get_many's, for one key; a hit takes the short way."""
+        call(deadline) makes the AWS call and returns the value; ttl 0 means this key is
+        never cached; deadline (monotonic, or None) bounds the call and any wait for another
+        request's. The rules are get_many's, for one key; a hit takes the short way."""
         if ttl and not refresh:
-            value = self.cache.get(key)
+            due = []
+            value = self.cache.get_many((key,), due).get(key)
             if value is not None:
                 self.stats.add("hits")
+                if due:
+                    self._refresh_ahead(due, lambda keys, deadline: {key: call(deadline)}, ttl, deadline)
                 return value, "hit"
-        outcome = self.get_many([key], lambda keys: {key: call()}, ttl, refresh, deadline)[key]
+        outcome = self.get_many([key], lambda keys, deadline: {key: call(deadline)}, ttl, refresh, deadline)[key]
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
     def get_many(self, keys, call, ttl, refresh=False, deadline=None):
         """{key: (value, cache status) or the UpstreamError for it} for distinct keys, under
-        the same rules as get, key by key: hits from the cache, refreshNow's rate per key,
-        one flight per key (a key another request is fetching is waited for, not fetched
-        again), and stale values. call(keys) fetches the keys this request leads, in as few
-        AWS calls as it likes, and returns {key: value or UpstreamError}; when it raises an
-        UpstreamError, every one of those keys has that error."""
-        return self.settle(self.begin(keys, ttl, refresh), call, ttl, refresh, deadline)
+        the same rules as get, key by key: hits from the cache (starting a refresh ahead of
+        those past their refresh point), refreshNow's rate per key, one flight per key (a
+        key another request is fetching is waited for, not fetched again), and stale values.
+        call(keys, deadline) fetches the keys this request leads, in as few AWS calls as it
+        likes, and returns {key: value or UpstreamError}; when it raises an UpstreamError,
+        every one of those keys has that error."""
+        due = []
+        begun = self.begin(keys, ttl, refresh, due)
+        self._refresh_ahead(due, call, ttl, deadline)
+        return self.settle(begun, call, ttl, refresh, deadline)
 
-    def begin(self, keys, ttl, refresh=False):
-        """get_many's first half, which never waits: the hits, refreshNow's recent
-        results, and a flight for each other key, led by this caller unless another
-        request leads one. The caller must pass what it returns to settle(): until then
-        other requests wait on the flights it leads (prefetch begins before serving starts)."""
+    def begin(self, keys, ttl, refresh=False, due=None):
+        """get_many's first half, which never waits: the hits (those past their refresh
+        point added to due), refreshNow's recent results, and a flight for each other key,
+        led by this caller unless another request leads one. The caller must pass what it
+        returns to settle(): until then other requests wait on the flights it leads
+        (prefetch begins before serving starts)."""
         results = {}
         if ttl and not refresh:
-            found = self.cache.get_many(keys)
+            found = self.cache.get_many(keys, due)
             self.stats.add("hits", len(found))
             results = {key: (value, "hit") for key, value in found.items()}
         led, followed = [], []
@@ -1872,13 +1902,14 @@ class Store:
                         followed.append((key, flight))
         return results, led, followed
 
-    def settle(self, begun, call, ttl, refresh=False, deadline=None):
+    def settle(self, begun, call, ttl, refresh=False, deadline=None, ahead=None):
         """get_many's second half: the AWS call for the keys led, and the wait (until the
-        deadline) for those another request is fetching."""
+        deadline) for those another request is fetching. ahead: the epoch in which the
+        refresh ahead of the keys led began (None: they missed, or refreshNow)."""
         results, led, followed = begun
         if led:
             try:
-                self._miss_many(led, call, ttl, refresh, results)
+                self._miss_many(led, call, ttl, refresh, deadline, results, ahead)
             except BaseException as error:
                 for key, flight in led:
                     if key not in results:
@@ -1896,48 +1927,86 @@ class Store:
                 self.stats.add("errors")
                 results[key] = self._stale_or_error(key, ttl, UpstreamTimeout("waited for another request's AWS call"))
             elif flight.error is not None:
-                results[key] = flight.error
+                results[key] = self._stale_or_error(key, ttl, flight.error)
             else:
                 results[key] = (flight.value, flight.cache_status)
         return results
 
-    def _miss_many(self, led, call, ttl, refresh, results):
+    def _refresh_ahead(self, keys, call, ttl, deadline):
+        """Refresh keys (hits past their refresh point) in a thread, but those another
+        request is fetching and those refreshed within REFRESH_INTERVAL, and nothing once
+        stopped. The caller does not wait: it has its value."""
+        if not keys or self.stopped:
+            return
+        led = []
+        with self._lock:
+            now = self.clock()
+            for key in keys:
+                recent = self._refreshes.get(key)
+                if key not in self._flights and (recent is None or now - recent[0] >= REFRESH_INTERVAL):
+                    led.append((key, self._flights.setdefault(key, _Flight())))
+        if led:
+            if deadline is None:
+                deadline = now + ATTEMPT_TIMEOUT_WITHOUT_BUDGET
+            args = (({}, led, []), call, ttl, False, deadline, self.epoch)
+            try:  # _thread: see Listener._accept
+                _thread.start_new_thread(self._settle_quietly, args)
+            except (RuntimeError, MemoryError):
+                self._settle_quietly(*args)
+
+    def _settle_quietly(self, *args):
+        try:
+            self.settle(*args)
+        except Exception as error:  # a bug: one line, as a request's would be (no traceback on stderr)
+            self.log.error(f"internal error in a refresh ahead: {type(error).__name__}")
+
+    def _miss_many(self, led, call, ttl, refresh, deadline, results, ahead):
         missing = []
         for key, flight in led:
-            value = self.cache.get(key) if ttl and not refresh else None  # filled while we queued
+            value = self.cache.get(key) if ttl and not refresh and ahead is None else None  # filled while we queued
             if value is not None:
                 self.stats.add("hits")
                 flight.value, flight.cache_status = results[key] = (value, "hit")
             else:
-                self.stats.add("misses")
+                self.stats.add("misses" if ahead is None else "refreshed_ahead")
                 missing.append((key, flight))
         if not missing:
             return
         started = self.clock()
         try:
-            values = call([key for key, _ in missing])
+            values = call([key for key, _ in missing], deadline)
         except UpstreamError as error:
             values = {}
             failure = error
         else:
             failure = UpstreamInvalidResponse("a batch answer that leaves a key out")
+        # A refresh ahead that a freeze cut (an event came meanwhile, or it ends past its
+        # deadline), or that ends after SHUTDOWN, is dropped: the entry stays as it was, and
+        # nobody is told but at debug.
+        dropped = ahead is not None and (ahead != self.epoch or self.stopped or self.clock() > deadline)
         for key, flight in missing:
             value = values.get(key, failure)
             if isinstance(value, UpstreamError):
                 self.stats.add("errors")
-                if not value.transient:
+                if ahead is None and not value.transient:
                     self.cache.discard(key)
-                if ttl and refresh:
+                elif ahead is not None and not dropped:
+                    self.log.warn(f"refreshing {describe_key(key)} ahead of its expiry failed ({value}); "
+                                  "the cached value stays until it expires")
+                if ttl and (refresh or ahead is not None):
                     self._remember_refresh(key, started, None, value)
-                outcome = self._stale_or_error(key, ttl, value)
+                # A refresh ahead has no caller: those who joined it try the stale value themselves.
+                outcome = self._stale_or_error(key, ttl, value) if ahead is None else value
             else:
-                if ttl and refresh:
+                if ttl and (refresh or ahead is not None):
                     self._remember_refresh(key, started, value, None)
                 elif ttl:
                     self._forget_refresh(key)
-                if ttl:
+                if ttl and not dropped:
                     self.cache.put(key, value, ttl)
                 outcome = (value, "miss" if ttl else "bypass")
+            if dropped:
+                self.log.debug(f"a refresh ahead of {describe_key(key)} was cut by a freeze or a stop: dropped")
             if isinstance(outcome, tuple):
                 flight.value, flight.cache_status = outcome
             else:
@@ -1952,7 +2021,7 @@ class Store:
 
     def _stale_or_error(self, key, ttl, error):
         """(stale value, "stale") when one may answer for a transient error, else the error."""
-        stale = self.cache.get_stale(key) if ttl and error.transient else None
+        stale = self.cache.get_stale(key) if ttl and getattr(error, "transient", False) else None
         if stale is None:
             return error
         self.stats.add("stale")
@@ -2540,7 +2609,7 @@ class Service:
         # A token this short (a local AWS_TOKEN such as "x") would be found in anything,
         # so it is not looked for.
         self._guarded_token = config.request_token if len(self._token) >= 8 else None
-        cache = TTLCache(config.cache_size, config.max_stale_seconds, clock, wall)
+        cache = TTLCache(config.cache_size, config.max_stale_seconds, clock, wall, config.refresh_ahead / 100)
         self.store = Store(cache, self.stats, log, clock)
         cached = config.cache_enabled and config.cache_size > 0
         self.ttl = {"ssm": config.ssm_ttl if cached else 0,
@@ -2640,7 +2709,7 @@ class Service:
         client = self.clients[lookup.aws_service]
         deadline = self._deadline(lookup.aws_service)
 
-        def call():
+        def call(deadline):
             return lookup.fetch(client, deadline)
 
         return self.store.get(lookup.key, call, self.ttl[lookup.aws_service], lookup.refresh, deadline)
@@ -2658,7 +2727,7 @@ class Service:
         def denied(outcome):  # AWS's JSON APIs say AccessDeniedException; moto's IAM check AccessDenied
             return type(outcome) is AwsError and outcome.error_type in ("AccessDeniedException", "AccessDenied")
 
-        def call(keys):
+        def call(keys, deadline):
             results = {} if service in self.batch_denied else batch.fetch(client, keys, deadline)
             singles = [key for key in keys if key not in results or denied(results[key])]
             if results and singles:
@@ -3657,17 +3726,23 @@ def report_summary(service, name, config, log):
     counts = service.stats.snapshot()
     log.info("summary: " + " ".join(f"{key}={counts[key]}" for key in Stats.NAMES))
     if config.metrics == "emf":
-        names = {"hits": "Hits", "misses": "Misses", "aws_calls": "AwsCalls", "errors": "Errors",
-                 "stale": "StaleAnswers"}
         record = {"_aws": {"Timestamp": int(time.time() * 1000), "CloudWatchMetrics": [{
             "Namespace": "ParametersSecretsExtension", "Dimensions": [["ExtensionName"]],
-            "Metrics": [{"Name": metric, "Unit": "Count"} for metric in names.values()]}]},
+            "Metrics": [{"Name": metric, "Unit": "Count"} for metric in Stats.METRICS.values()]}]},
             "ExtensionName": name}
-        record.update({names[key]: counts[key] for key in Stats.NAMES})
+        record.update({Stats.METRICS[key]: counts[key] for key in Stats.NAMES})
         # Printed as is (not through the logger): CloudWatch recognises an EMF record
         # only when the line is the JSON object itself.
         sys.stdout.write(json.dumps(record) + "\n")
         sys.stdout.flush()
+
+
+def finish(service, listener, name, config, log, grace):
+    """The orderly stop: no refresh ahead starts any more, requests in flight get grace
+    seconds, then the summary."""
+    service.store.stopped = True
+    listener.stop(grace)
+    report_summary(service, name, config, log)
 
 
 def run_in_lambda(api, early, config, log, service, listener, fatal):
@@ -3682,6 +3757,7 @@ def run_in_lambda(api, early, config, log, service, listener, fatal):
         restores_in_init = service.restores
         while True:
             event = api.next_event()
+            service.store.epoch += 1  # a refresh ahead still running was cut by the freeze before this event
             if snapshot:
                 # The first event after a SnapStart INIT comes in a restored copy of this
                 # process, maybe months later: nothing cached then is to be trusted, unless
@@ -3700,14 +3776,12 @@ def run_in_lambda(api, early, config, log, service, listener, fatal):
             # Leave a margin before Lambda's SIGKILL for the summary and the exit.
             grace = max(0.0, min(grace, deadline_ms / 1000.0 - time.time() - 0.3))
         log.info(f"shutdown ({reason}): stopping")
-        listener.stop(grace)
-        report_summary(service, early.name, config, log)
+        finish(service, listener, early.name, config, log, grace)
         return 0
     except Stop as stop:
         log.info(f"{stop}: stopping")
         if listener is not None:
-            listener.stop(grace=0.5)
-            report_summary(service, early.name, config, log)
+            finish(service, listener, early.name, config, log, 0.5)
         return 0
     except ExtensionsApiError as error:
         log.error(str(error))
@@ -3782,8 +3856,7 @@ def main(argv, early=None):
     except Stop as stop:
         log.info(f"{stop}: stopping")
     if listener is not None:
-        listener.stop(grace=5.0)
-        report_summary(service, name, config, log)
+        finish(service, listener, name, config, log, 5.0)
     return 0
 
 

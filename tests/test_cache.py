@@ -100,7 +100,7 @@ def make_store(max_items=10, max_stale=300):
 
 def counting_fetch(value):
     """A fetch that returns value and counts its calls in fetch.calls."""
-    def fetch():
+    def fetch(deadline=None):
         fetch.calls += 1
         return value
 
@@ -129,9 +129,9 @@ def test_ttl_zero_bypasses_the_cache():
 def test_refresh_bypasses_a_fresh_entry_and_stores_the_new_value():
     store, _, _, _ = make_store()
     values = iter([b"one", b"two"])
-    store.get(KEY, lambda: next(values), ttl=300)
-    assert store.get(KEY, lambda: next(values), ttl=300, refresh=True) == (b"two", "miss")
-    assert store.get(KEY, lambda: b"never", ttl=300) == (b"two", "hit")
+    store.get(KEY, lambda deadline: next(values), ttl=300)
+    assert store.get(KEY, lambda deadline: next(values), ttl=300, refresh=True) == (b"two", "miss")
+    assert store.get(KEY, lambda deadline: b"never", ttl=300) == (b"two", "hit")
 
 
 def concurrent_gets(store, outcome, workers):
@@ -141,7 +141,7 @@ def concurrent_gets(store, outcome, workers):
     start = threading.Barrier(workers)
     calls = []
 
-    def fetch():
+    def fetch(deadline=None):
         calls.append(1)
         # Held until every other thread is surely waiting on this flight.
         threading.Event().wait(0.3)
@@ -187,26 +187,26 @@ def test_concurrent_waiters_share_the_leaders_error_and_nothing_is_cached():
 
 def test_stale_value_answers_a_transient_failure_within_the_bound():
     store, clock, stats, log = make_store(max_stale=60)
-    store.get(KEY, lambda: b"old", ttl=10)
+    store.get(KEY, lambda deadline: b"old", ttl=10)
     clock.advance(20)
 
-    def failing():
+    def failing(deadline=None):
         raise extension.UpstreamUnreachable("down")
 
-    assert store.get(OTHER, lambda: b"x", ttl=10)[1] == "miss"  # another key, unaffected
+    assert store.get(OTHER, lambda deadline: b"x", ttl=10)[1] == "miss"  # another key, unaffected
     assert store.get(KEY, failing, ttl=10) == (b"old", "stale")
     assert stats.snapshot()["stale"] == 1
     assert any(level == "warn" and "stale" in message for level, message in log.lines)
     # The next request tries AWS again rather than caching the stale answer as fresh.
-    assert store.get(KEY, lambda: b"new", ttl=10) == (b"new", "miss")
+    assert store.get(KEY, lambda deadline: b"new", ttl=10) == (b"new", "miss")
 
 
 def test_stale_value_is_not_served_past_the_bound():
     store, clock, _, _ = make_store(max_stale=60)
-    store.get(KEY, lambda: b"old", ttl=10)
+    store.get(KEY, lambda deadline: b"old", ttl=10)
     clock.advance(10 + 61)
 
-    def failing():
+    def failing(deadline=None):
         raise extension.UpstreamTimeout("slow")
 
     with pytest.raises(extension.UpstreamTimeout):
@@ -215,11 +215,11 @@ def test_stale_value_is_not_served_past_the_bound():
 
 def test_client_errors_never_fall_back_to_a_stale_value():
     store, clock, _, _ = make_store(max_stale=600)
-    store.get(KEY, lambda: b"old", ttl=10)
+    store.get(KEY, lambda deadline: b"old", ttl=10)
     clock.advance(20)
     for status, error_type in ((400, "ParameterNotFound"), (400, "AccessDeniedException"),
                                (404, "ResourceNotFoundException")):
-        def failing(status=status, error_type=error_type):
+        def failing(deadline, status=status, error_type=error_type):
             raise extension.AwsError(status, error_type, "")
 
         with pytest.raises(extension.AwsError):

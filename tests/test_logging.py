@@ -5,7 +5,7 @@
   Logs Insights can filter on it; otherwise text lines ``[<name>] LEVEL message``.
 * PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL filters: none < error < warn < info < debug.
 * At shutdown (SIGTERM when standalone) one INFO line
-  ``summary: hits=N misses=N aws_calls=N errors=N stale=N``; with
+  ``summary: hits=N misses=N aws_calls=N errors=N stale=N refreshed_ahead=N``; with
   PARAMETERS_SECRETS_EXTENSION_METRICS=emf also one CloudWatch Embedded Metric Format
   line. EMF rules followed here (CloudWatch "Specification: Embedded metric format"):
   a JSON object whose ``_aws`` member holds ``Timestamp`` (epoch milliseconds, integer)
@@ -27,9 +27,9 @@ from conftest import SM_GET, SSM_GET, free_port, wait_for
 DEFAULT_NAME = "parameters-secrets-extension"
 LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
 SUMMARY_RE = re.compile(
-    r"summary: hits=(\d+) misses=(\d+) aws_calls=(\d+) errors=(\d+) stale=(\d+)")
+    r"summary: hits=(\d+) misses=(\d+) aws_calls=(\d+) errors=(\d+) stale=(\d+) refreshed_ahead=(\d+)")
 TEXT_RE = re.compile(r"^\[(?P<name>[^\]]+)\] (?P<level>DEBUG|INFO|WARN|ERROR) (?P<msg>.*)$")
-EMF_METRICS = {"Hits", "Misses", "AwsCalls", "Errors", "StaleAnswers"}
+EMF_METRICS = {"Hits", "Misses", "AwsCalls", "Errors", "StaleAnswers", "RefreshedAhead"}
 
 
 def _lines(text):
@@ -62,9 +62,9 @@ def _known_sequence(ext):
 def _summary(text):
     found = SUMMARY_RE.findall(text)
     assert len(found) == 1, "expected one summary line in:\n" + text
-    hits, misses, aws, errors, stale = map(int, found[0])
+    hits, misses, aws, errors, stale, ahead = map(int, found[0])
     return {"hits": hits, "misses": misses, "aws_calls": aws, "errors": errors,
-            "stale": stale}
+            "stale": stale, "refreshed_ahead": ahead}
 
 
 def _emf_lines(text):
@@ -342,6 +342,7 @@ def test_emf_line_at_sigterm(moto, ssm, secretsmanager, start_extension, fmt):
     assert doc["AwsCalls"] == summary["aws_calls"] == 3
     assert doc["Errors"] == summary["errors"] == 1
     assert doc["StaleAnswers"] == summary["stale"] == 0
+    assert doc["RefreshedAhead"] == summary["refreshed_ahead"] == 0
     # The EMF line is bare JSON on its own line, not wrapped in a log prefix or object.
     raw = [line for line in _lines(text) if '"_aws"' in line]
     assert len(raw) == 1 and raw[0].lstrip().startswith("{"), raw

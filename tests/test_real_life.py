@@ -625,3 +625,37 @@ def test_module_level_connections_survive_freezes(make_lambda, aws, tmp_path, in
     assert aws.calls(SSM_GET, name=PARAM) == 1  # the rest were hits
     shut = lam.shutdown("spindown")
     assert shut.killed == [] and shut.exits[NAME][0] == 0, lam.logs()
+
+
+# ===================================================================== refresh ahead
+
+
+def test_a_refresh_ahead_cut_by_a_freeze_is_dropped_at_thaw(make_lambda, aws, tmp_path):
+    """TTL 10 s, refreshed ahead after 1 s, a budget of 1 s. The second invocation's hit
+    starts a refresh whose answer AWS sends 0.3 s later, while Lambda has frozen the
+    environment (1.5 s between invocations). At thaw the refresh is past its deadline:
+    dropped (the entry keeps its value, no WARN) and its connection is not reused."""
+    port = free_port()
+    env = lambda_env(aws.url, tmp_path, port, SSM_PARAMETER_STORE_TTL="10", SSM_PARAMETER_STORE_TIMEOUT_MILLIS="1000",
+                     PARAMETERS_SECRETS_EXTENSION_REFRESH_AHEAD="10")
+    lam = make_lambda(env, handler_source(port), freeze_between_invokes=1.5)
+    assert lam.start().ok, lam.logs()
+    first = invoke_ok(lam, {"fetch": True})["fetch"]
+    assert (first["status"], first["cache"]) == (200, "miss"), first
+    aws.set_value(PARAM, "value-of-a-refresh-that-was-cut")
+    aws.script(Do("ok", delay_ms=300), name=PARAM)
+    second = invoke_ok(lam, {"fetch": True})["fetch"]  # a hit, 1.5 s old: the refresh begins
+    assert (second["status"], second["cache"]) == (200, "hit"), second
+    third = invoke_ok(lam, {"fetch": True, "sleep": 0.5})["fetch"]  # thawed
+    assert (third["status"], third["cache"], json.loads(third["body"])["Parameter"]["Value"]) == (200, "hit", VALUE)
+    logs = lam.logs(f"ext-{NAME}")
+    assert "a refresh ahead of ssm '/real-life/param' was cut by a freeze or a stop: dropped" in logs, logs
+    assert "ahead of its expiry failed" not in logs
+    # The third invocation's hit (the entry still due) refreshed it again, within the
+    # invocation this time: stored, over a new connection.
+    wait_for(lambda: aws.calls(SSM_GET, PARAM) == 3, message="the second refresh ahead")
+    fourth = invoke_ok(lam, {"fetch": True})["fetch"]
+    assert json.loads(fourth["body"])["Parameter"]["Value"] == "value-of-a-refresh-that-was-cut"
+    assert aws.client_ports[2] != aws.client_ports[1], "the connection of the cut refresh was reused"
+    shut = lam.shutdown("spindown")
+    assert shut.killed == [], lam.logs()

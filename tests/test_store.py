@@ -24,7 +24,7 @@ def calls(*outcomes):
     """A call returning (or raising) each outcome in turn; made counts the calls."""
     pending = list(outcomes)
 
-    def call():
+    def call(deadline=None):
         call.made += 1
         outcome = pending.pop(0) if len(pending) > 1 else pending[0]
         if isinstance(outcome, Exception):
@@ -162,7 +162,7 @@ def test_a_waiter_stops_at_its_own_deadline():
     release = threading.Event()
     started = threading.Event()
 
-    def slow():
+    def slow(deadline=None):
         started.set()
         release.wait(10)
         return b"late"
@@ -185,7 +185,7 @@ def test_a_waiter_past_its_deadline_gets_a_stale_value():
     release = threading.Event()
     started = threading.Event()
 
-    def slow():
+    def slow(deadline=None):
         started.set()
         release.wait(10)
         return b"new"
