@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark: the extension against its floor and against the SDK path.
 
-    python3 bench/bench.py [--json] [--quick] [--strict] [--no-fleet]
+    python3 bench/bench.py [--json] [--quick] [--strict] [--no-refresh-ahead] [--no-fleet]
 
 Run it from the repository root with a Python that has boto3 and moto[server] (the
 project's dev venv). It starts everything it needs on loopback and takes under two
-minutes (about 55 s, then the fleet section, bench/fleet.py: about 25 s with today's
-extension, up to a minute with one that waits out the throttle; with --quick about 45 s
-in all, with a fleet of 30; --no-fleet skips that section):
+minutes (about 55 s, then the refresh-ahead section, bench/refresh_ahead.py: about 15 s,
+then the fleet section, bench/fleet.py: about 25 s with today's extension, up to a minute
+with one that waits out the throttle; with --quick about 55 s in all, with a refresh-ahead
+loop of 3 s and a fleet of 30; --no-refresh-ahead and --no-fleet skip those sections):
 
 - a moto server (ThreadedMotoServer, in this process) seeded with the benchmark
   parameter, a secret and 1,000 parameters of 4 KB;
@@ -50,6 +51,7 @@ from pathlib import Path
 
 import coldstart  # bench/coldstart.py, beside this file
 import fleet  # bench/fleet.py, beside this file
+import refresh_ahead  # bench/refresh_ahead.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR_SCRIPT = ROOT / "bench" / "floor_server.py"
@@ -94,6 +96,8 @@ class Settings:
         self.fleet_n = 30 if quick else fleet.DEFAULT_N
         self.fleet_k = fleet.DEFAULT_K
         self.fleet_rate = fleet.DEFAULT_RATE
+        # Refresh ahead: one key read every 5 ms across TTL windows of 1 s, REFRESH_AHEAD 0 and 80.
+        self.refresh_ahead_seconds = 3.0 if quick else refresh_ahead.DEFAULT_SECONDS
 
 
 _STARTED = time.perf_counter()
@@ -1033,6 +1037,11 @@ def build_rows(r):
         for figure, value, reference, note, ratio, target, passed in coldstart.report(r["lambda_cold_start"]):
             rows.append(row(f"Lambda cold start: {figure}", value, reference, ratio, target, passed, note))
 
+    if "refresh_ahead" in r:
+        # bench/refresh_ahead.py's rows, one per setting: (figure, value, reference, note, ratio, target, passed)
+        for figure, value, reference, note, ratio, target, passed in refresh_ahead.report(r["refresh_ahead"]):
+            rows.append(row(f"refresh ahead: {figure}", value, reference, ratio, target, passed, note))
+
     if "fleet" in r:
         # bench/fleet.py's rows, one per scenario: (figure, value, reference, note, ratio, target, passed)
         for figure, value, reference, note, ratio, target, passed in fleet.report(r["fleet"]):
@@ -1083,8 +1092,12 @@ def print_table(rows, out=sys.stdout):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    p.add_argument("--quick", action="store_true", help="fewer samples and a fleet of 30: about 45 s instead of 80")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer samples, a 3 s refresh-ahead loop and a fleet of 30: about 55 s instead of 95")
     p.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
+    p.add_argument("--no-refresh-ahead", action="store_true",
+                   help="skip the refresh-ahead section (bench/refresh_ahead.py: one key read across 1 s TTL "
+                        "windows with REFRESH_AHEAD 0 and 80, about 15 s)")
     p.add_argument("--no-fleet", action="store_true",
                    help="skip the fleet section (bench/fleet.py: N extensions at once against a throttled "
                         "Parameter Store, 30-60 s)")
@@ -1154,6 +1167,14 @@ def run(args):
             launcher.stop_all()
             proxy.shutdown()
             moto.stop()
+    if not (args.no_refresh_ahead or args.stand_in_floor):
+        # Once the sections above have stopped (a refresh's latency is a tail figure: nothing
+        # else of the benchmark may run beside it), and before the fleet's 60 processes.
+        # It has a moto and a forwarder of its own.
+        log(f"refresh ahead: one key across {settings.refresh_ahead_seconds:g} s of 1 s TTL windows, "
+            "REFRESH_AHEAD 0 and 80")
+        results["refresh_ahead"] = refresh_ahead.measure(os.path.realpath(args.python), args.extension,
+                                                         seconds=settings.refresh_ahead_seconds)
     if not (args.no_fleet or args.stand_in_floor):
         # Last, once everything above has stopped: 60 processes starting at once would
         # disturb any figure taken beside them. It has a moto and a proxy of its own.
