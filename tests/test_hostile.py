@@ -210,7 +210,8 @@ def test_raw_non_utf8_bytes_in_request_line(served):
     def action():
         data = (b"GET " + SSM.encode() + b"?name=\xff\xfe HTTP/1.1\r\nHost: x\r\n"
                 + f"{TOKEN_HEADER}: {s.ext.token}\r\n\r\n".encode())
-        expect_4xx(raw(s.ext.port, data), 400, "MalformedQuery")
+        # A target is visible ASCII only (RFC 9112 section 3.2): refused before the query.
+        expect_4xx(raw(s.ext.port, data), 400, "BadRequest")
         assert s.new_aws_calls() == 0
 
     check_case(s, action)
@@ -316,9 +317,13 @@ GARBAGE = {
     "http2-preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "HTTPVersionNotSupported"),
     "only-crlf": (b"\r\n" * 20, 400, "BadRequest"),
     "bad-version": (b"GET / HTTP/x.y\r\n\r\n", 400, "BadRequest"),
-    # No token: refused before anything else (the body of a GET is never read).
+    # An invalid framing is refused before anything else, the token too (RFC 9112 section 6.3).
     "bad-content-length": (b"GET " + GOOD_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-                           b"Content-Length: -5\r\n\r\n", 401, "MissingToken"),
+                           b"Content-Length: -5\r\n\r\n", 400, "BadRequest"),
+    "content-length-and-chunked": (b"GET " + GOOD_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                                   400, "BadRequest"),
+    "no-host": (b"GET /ping HTTP/1.1\r\n\r\n", 400, "BadRequest"),
 }
 
 

@@ -1,8 +1,11 @@
-"""The HTTP transport, in process: request heads, keep-alive decisions, admission, and an
-accept loop that survives a thread that cannot start.
+"""The HTTP transport, in process: request heads, keep-alive decisions, answers,
+admission, and an accept loop that survives a thread that cannot start.
 
-read_request_head and connection_after are pure enough to drive with io.BytesIO; the
-Listener runs on 127.0.0.1 with a free port and a thread starter the test controls.
+read_request reads an HttpStream, which reads anything with recv: here bytes a peer sent
+(then closed), counted as they are taken; connection_after and format_response are pure.
+The Listener runs on 127.0.0.1 with a free port and a thread starter the test controls.
+(tests/test_grammar.py holds the grammar's own cases, tests/test_fuzz.py its comparison
+with h11.)
 """
 
 import io
@@ -16,12 +19,18 @@ import extension
 from conftest import free_port, unit_service, wait_for
 
 
+class Sent(io.BytesIO):
+    """What a peer sent before it closed, read as a socket's recv reads it."""
+
+    recv = io.BytesIO.read
+
+
 def head(data):
-    return extension.read_request_head(io.BufferedReader(io.BytesIO(data)))
+    return extension.read_request(extension.HttpStream(Sent(data)))
 
 
 def refused(data):
-    with pytest.raises(extension.ClientError) as caught:
+    with pytest.raises(extension.HttpProtocolError) as caught:
         head(data)
     return caught.value.status, caught.value.error_type
 
@@ -35,34 +44,37 @@ def test_a_plain_request_head():
 
 
 def test_repeated_headers_are_all_kept_in_order():
-    _, _, _, headers = head(b"GET / HTTP/1.1\r\nA: 1\r\na: 2\r\n\r\n")
-    assert headers == [("a", "1"), ("a", "2")]
+    _, _, _, headers = head(b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\na: 2\r\n\r\n")
+    assert headers == [("host", "x"), ("a", "1"), ("a", "2")]
 
 
 def test_bare_line_feeds_and_one_leading_empty_line_are_accepted():
     assert head(b"\r\nGET / HTTP/1.0\nHost: x\n\n") == ("GET", "/", "HTTP/1.0", [("host", "x")])
 
 
-def test_end_of_stream_before_or_inside_a_head_is_no_request():
-    assert head(b"") is None
-    assert head(b"GET / HTTP/1.1\r\nHost: x\r\n") is None
+@pytest.mark.parametrize("data", [b"", b"\r\n", b"GET / HTT", b"GET / HTTP/1.1\r\nHost: x\r\n"])
+def test_end_of_stream_before_a_head_is_whole_is_a_connection_error(data):
+    # Nobody to answer: the connection just ends (Listener._serve closes it).
+    with pytest.raises(ConnectionError):
+        head(data)
 
 
 def test_headers_up_to_the_cap_are_read():
     line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
-    count = (extension.MAX_HEADER_BYTES - 2) // len(line)
-    _, _, _, headers = head(b"GET / HTTP/1.1\r\n" + line * count + b"\r\n")
-    assert len(headers) == count
+    count = (extension.MAX_HEADER_BYTES - 2 - len(b"Host: x\r\n")) // len(line)
+    _, _, _, headers = head(b"GET / HTTP/1.1\r\nHost: x\r\n" + line * count + b"\r\n")
+    assert len(headers) == count + 1
 
 
-def test_header_bytes_over_the_cap_are_431_before_the_rest_is_read():
-    line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
-    stream = io.BytesIO(b"GET / HTTP/1.1\r\n" + line * 40 + b"\r\n")
-    with pytest.raises(extension.ClientError) as caught:
-        extension.read_request_head(io.BufferedReader(stream, buffer_size=1024))
+def test_header_bytes_over_the_cap_are_431_and_the_rest_is_not_read():
+    request_line = b"GET / HTTP/1.1\r\n"
+    sent = Sent(request_line + (b"X-Pad: " + b"a" * 1000 + b"\r\n") * 100 + b"\r\n")
+    with pytest.raises(extension.HttpProtocolError) as caught:
+        extension.read_request(extension.HttpStream(sent))
     assert (caught.value.status, caught.value.error_type) == (431, "HeadersTooLarge")
-    # Reading stopped at the cap (plus what one buffer fill brings), not at the end.
-    assert stream.tell() <= len(b"GET / HTTP/1.1\r\n") + extension.MAX_HEADER_BYTES + 1024 + 1
+    # Each read asks for no more than the line being read may hold: the request line's
+    # (64 KiB from the start) or the header block's (32 KiB past the request line).
+    assert sent.tell() == max(extension.MAX_START_LINE, len(request_line) + extension.MAX_HEADER_BYTES)
 
 
 def test_one_huge_header_line_is_431():
@@ -70,23 +82,40 @@ def test_one_huge_header_line_is_431():
 
 
 def test_more_than_100_header_lines_is_431():
-    assert refused(b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 101 + b"\r\n") == (431, "HeadersTooLarge")
-    assert head(b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 100 + b"\r\n") is not None
+    assert refused(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"A: b\r\n" * 100 + b"\r\n") == (431, "HeadersTooLarge")
+    assert head(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"A: b\r\n" * 99 + b"\r\n") is not None
 
 
 @pytest.mark.parametrize("line", [b"X-Forwarded-For : 1.2.3.4", b"Transfer-Encoding\t: chunked",
-                                  b"No colon here", b"Bad(name): x", b": empty name"])
+                                  b"No colon here", b"Bad(name): x", b": empty name", b"A: b\x00c", b"A: b\x7fc"])
 def test_a_header_line_that_is_not_name_colon_value_is_400(line):
-    assert refused(b"GET / HTTP/1.1\r\n" + line + b"\r\n\r\n") == (400, "MalformedHeader")
+    assert refused(b"GET / HTTP/1.1\r\nHost: x\r\n" + line + b"\r\n\r\n") == (400, "MalformedHeader")
 
 
 def test_obsolete_line_folding_is_400():
-    assert refused(b"GET / HTTP/1.1\r\nA: b\r\n  continued\r\n\r\n") == (400, "MalformedHeader")
+    assert refused(b"GET / HTTP/1.1\r\nHost: x\r\nA: b\r\n  continued\r\n\r\n") == (400, "MalformedHeader")
+
+
+@pytest.mark.parametrize("headers", [b"", b"Host: a\r\nHost: a\r\n"], ids=["none", "two"])
+def test_an_http_1_1_request_without_exactly_one_host_is_400(headers):
+    assert refused(b"GET / HTTP/1.1\r\n" + headers + b"\r\n") == (400, "BadRequest")
+
+
+@pytest.mark.parametrize("headers", [b"Content-Length: -5", b"Content-Length: 5\r\nContent-Length: 6",
+                                     b"Content-Length: 5, 5", b"Transfer-Encoding: gzip, chunked",
+                                     b"Transfer-Encoding: chunked\r\nContent-Length: 5"])
+def test_a_request_with_an_invalid_framing_is_400(headers):
+    assert refused(b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n\r\n") == (400, "BadRequest")
 
 
 @pytest.mark.parametrize("line, expected", [
     (b"GET /", (400, "BadRequest")),                          # HTTP/0.9
     (b"GET / HTTP/1.1 extra", (400, "BadRequest")),
+    (b"GET  / HTTP/1.1", (400, "BadRequest")),                # one space between the parts
+    (b"GET /\tHTTP/1.1", (400, "BadRequest")),
+    (b"GET /\xe9 HTTP/1.1", (400, "BadRequest")),             # the target is VCHAR only
+    (b"GET /a\rb HTTP/1.1", (400, "BadRequest")),             # a bare CR
+    (b"GET / HTTP/1.10", (400, "BadRequest")),
     (b"GET / HTTQ/1.1", (400, "BadRequest")),
     (b"G(T / HTTP/1.1", (400, "BadRequest")),
     (b"GET / HTTP/2.0", (505, "HTTPVersionNotSupported")),
@@ -113,7 +142,8 @@ def test_a_request_line_over_64_KiB_is_414():
     # Java's HttpClient sends Content-Length: 0 on every GET: no body, so keep.
     ("GET", "HTTP/1.1", [("content-length", "0")], (True, None)),
     ("GET", "HTTP/1.1", [("content-length", "5")], (False, "close")),
-    ("GET", "HTTP/1.1", [("content-length", "0"), ("content-length", "0")], (False, "close")),
+    ("GET", "HTTP/1.1", [("content-length", "0"), ("content-length", "0")], (True, None)),
+    ("GET", "HTTP/1.1", [("content-length", "00")], (True, None)),
     ("GET", "HTTP/1.1", [("transfer-encoding", "chunked")], (False, "close")),
     ("POST", "HTTP/1.1", [], (False, "close")),
 ])
@@ -157,7 +187,7 @@ def ping(port, host="127.0.0.1"):
     """The bytes answered to GET /ping; b"" when the server closed without answering (a
     close with the request unread is a reset, as TCP has it)."""
     with socket.create_connection((host, port), timeout=5) as sock:
-        sock.sendall(b"GET /ping HTTP/1.1\r\nConnection: close\r\n\r\n")
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         data = b""
         while True:
             try:
@@ -195,8 +225,7 @@ def test_accepted_connections_carry_ip_ttl_1(listening):
     seen = []
 
     def start_thread(function, args):
-        reader = args[0]
-        sock = reader.connection
+        sock = args[0].sock
         if sock.family == socket.AF_INET6:
             seen.append(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS))
         else:
