@@ -585,7 +585,6 @@ import hmac
 import http  # HTTPStatus only: the package itself is small (http.server is not imported)
 import json
 import re
-import selectors
 import threading
 from collections import OrderedDict, namedtuple
 from datetime import datetime, timezone
@@ -2767,17 +2766,13 @@ def has_body(headers):
 
 
 def connection_after(method, version, headers):
-    """(keep the connection open?, the Connection header to send or None) for a request."""
+    """(keep the connection open?, the Connection header to send or None) for a request.
+    HTTP/1.0 keep-alive is opt-in, and answered in kind (ApacheBench -k waits for it)."""
     tokens = field_tokens(headers, "connection")
-    if version == "HTTP/1.0":
-        keep = "keep-alive" in tokens  # HTTP/1.0 keep-alive is opt-in, and answered in kind
-        wanted = "keep-alive" if keep else "close"
-    else:
-        keep = "close" not in tokens
-        wanted = None if keep else "close"
-    if method != "GET" or has_body(headers):
+    http10 = version == "HTTP/1.0"
+    if method != "GET" or has_body(headers) or "close" in tokens or (http10 and "keep-alive" not in tokens):
         return False, "close"
-    return keep, wanted
+    return True, "keep-alive" if http10 else None
 
 
 def format_response(status, headers, body, connection=None):
@@ -2823,16 +2818,10 @@ def _close_after_unread_input(sock):
     try:
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + DRAIN_SECONDS
-        drained = 0
-        while drained < DRAIN_BYTES:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        for _ in range(DRAIN_BYTES // RECEIVE_BYTES):  # DRAIN_BYTES at most
+            sock.settimeout(_remaining(deadline))  # socket.timeout once DRAIN_SECONDS passed
+            if not sock.recv(RECEIVE_BYTES):
                 break
-            sock.settimeout(remaining)
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            drained += len(chunk)
     except OSError:
         pass
 
@@ -2870,14 +2859,13 @@ class _ClientReader(HttpStream):
     def next_request(self):
         """Wait for the next request's first byte; False at the end (the caller closed,
         or the connection was evicted)."""
-        if not self.buffer:  # a pipelined request may be here already
-            while True:
-                try:
-                    if not self.sock.recv(1, socket.MSG_PEEK):
-                        return False
-                    break
-                except socket.timeout:
-                    continue  # idle: the timeout is only a tick
+        while not self.buffer:  # a pipelined request may be here already
+            try:
+                if not self.sock.recv(1, socket.MSG_PEEK):
+                    return False
+                break
+            except socket.timeout:
+                pass  # idle: the timeout is only a tick
         with self.admission_lock:
             if self.evicted:
                 return False
@@ -3022,18 +3010,14 @@ class Listener:
             self.service.log.info(f"listening on {f'[{host}]' if ':' in host else host}:{port}")
 
     def _accept_loop(self):
-        selector = selectors.DefaultSelector()
-        for sock in self.sockets:
-            selector.register(sock, selectors.EVENT_READ)
-        selector.register(self._wake_reader, selectors.EVENT_READ)
-        try:
-            while True:
-                for key, _ in selector.select():
-                    if key.fileobj is self._wake_reader:
-                        return
-                    self._accept(key.fileobj)
-        finally:
-            selector.close()
+        # select, not selectors: three descriptors, among the first the process opens (far
+        # below select's limit of 1024).
+        while True:
+            readable, _, _ = select.select([self._wake_reader, *self.sockets], [], [])
+            if self._wake_reader in readable:
+                return
+            for sock in readable:
+                self._accept(sock)
 
     def _accept(self, listening):
         try:
