@@ -2756,6 +2756,29 @@ class Service:
 # at the next poll. What is left is small enough to read here.
 
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+_DATE = [(None, "")]  # (the second, its Date): formatted once a second, not per answer
+
+
+def http_date():
+    """Now, for the Date header every answer carries (RFC 9110 section 6.6.1), as an
+    IMF-fixdate (section 5.6.7). strftime's %a and %b are English here: this process never
+    sets a locale (LC_TIME)."""
+    second, formatted = _DATE[0]
+    if second != int(time.time()):
+        second = int(time.time())
+        formatted = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
+        _DATE[0] = second, formatted  # one tuple: a thread never sees half of it
+    return formatted
+
+
+def origin_form(target):
+    """The path and query of an absolute-form target (http://host:port/path?query), which a
+    server must accept (RFC 9112 section 3.2.2); any other target as it is."""
+    scheme, colon_slashes, rest = target.partition("://")
+    if not colon_slashes or scheme.lower() not in ("http", "https"):
+        return target
+    path = rest[len(rest.split("/", 1)[0].split("?", 1)[0]):]  # after the authority
+    return path if path.startswith("/") else "/" + path
 
 
 def has_body(headers):
@@ -2775,22 +2798,21 @@ def connection_after(method, version, headers):
     return True, "keep-alive" if http10 else None
 
 
-def format_response(status, headers, body, connection=None):
+def format_response(status, headers, body, connection=None, head=False):
     """The bytes of one answer: status line, headers and body, written with one sendall
     (with TCP_NODELAY that is one segment, and no delayed-ACK stall: docs/pitfalls.md).
-    Content-Type is application/json unless headers name another (format=raw)."""
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
+    Content-Type is application/json unless headers name another (format=raw). To a HEAD
+    request (head), no body, and no Content-Length: a GET would be answered another one
+    (RFC 9110 sections 9.3.2 and 8.6)."""
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}", f"Date: {http_date()}"]
     if all(name != CONTENT_TYPE for name, _ in headers):
         lines.append("Content-Type: application/json")
-    lines.append(f"Content-Length: {len(body)}")
+    if not head:
+        lines.append(f"Content-Length: {len(body)}")
     lines.extend(f"{name}: {value}" for name, value in headers)
     if connection:
         lines.append(f"Connection: {connection}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-TOO_MANY_CONNECTIONS = format_response(
-    *error_answer(ClientError(429, "TooManyConnections", "too many connections at once; retry")), "close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
 
 
 def _refuse(sock):
@@ -2801,7 +2823,8 @@ def _refuse(sock):
             sock.recv(65536)  # drain what was sent, so close() does not reset
         except OSError:
             pass
-        sock.sendall(TOO_MANY_CONNECTIONS)
+        sock.sendall(format_response(*error_answer(ClientError(429, "TooManyConnections",
+                                                                "too many connections at once; retry")), "close"))
     except OSError:
         pass
     sock.close()
@@ -2974,10 +2997,10 @@ def serve_connection(reader, service, in_flight):
         keep, connection = connection_after(method, version, headers)
         in_flight.change(+1)  # the stop waits for these to be answered
         try:
-            status, extra, body = service.answer(method, target, headers)
+            status, extra, body = service.answer(method, origin_form(target), headers)
         finally:
             in_flight.change(-1)
-        sock.sendall(format_response(status, extra, body, connection))
+        sock.sendall(format_response(status, extra, body, connection, method == "HEAD"))
         reader.answered()
         if not keep:
             if method != "GET" or has_body(headers):

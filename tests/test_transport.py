@@ -151,10 +151,44 @@ def test_connection_after(method, version, headers, expected):
     assert extension.connection_after(method, version, headers) == expected
 
 
-def test_response_bytes():
+DATE = "Sun, 06 Nov 1994 08:49:37 GMT"
+
+
+def test_response_bytes(monkeypatch):
+    monkeypatch.setattr(extension, "http_date", lambda: DATE)
     assert extension.format_response(200, (("X-A", "b"),), b"{}", "keep-alive") == (
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nX-A: b\r\n"
-        b"Connection: keep-alive\r\n\r\n{}")
+        b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\nX-A: b\r\nConnection: keep-alive\r\n\r\n{}")
+
+
+def test_an_answer_to_head_has_no_body_and_no_content_length(monkeypatch):
+    monkeypatch.setattr(extension, "http_date", lambda: DATE)
+    assert extension.format_response(405, (("Allow", "GET"),), b'{"__type": "x"}', "close", head=True) == (
+        b"HTTP/1.1 405 Method Not Allowed\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+        b"Content-Type: application/json\r\nAllow: GET\r\nConnection: close\r\n\r\n")
+
+
+def test_the_date_is_an_imf_fixdate_formatted_once_a_second(monkeypatch):
+    now = [784111777.9]  # Sun, 06 Nov 1994 08:49:37 GMT, RFC 9110's own example
+    made = []
+    gmtime = time.gmtime
+    monkeypatch.setattr(extension.time, "time", lambda: now[0])
+    monkeypatch.setattr(extension.time, "gmtime", lambda seconds: made.append(seconds) or gmtime(seconds))
+    assert extension.http_date() == DATE
+    now[0] += 0.05
+    assert extension.http_date() == DATE
+    now[0] += 1
+    assert extension.http_date() == "Sun, 06 Nov 1994 08:49:38 GMT"
+    assert made == [784111777, 784111778]
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("http://localhost:2773/secretsmanager/get?secretId=a", "/secretsmanager/get?secretId=a"),
+    ("HTTPS://h/p", "/p"), ("http://h", "/"), ("http://h?x=1", "/?x=1"),
+    ("/p?u=http://h/q", "/p?u=http://h/q"), ("ftp://h/p", "ftp://h/p"), ("*", "*"),
+])
+def test_an_absolute_form_target_is_its_path_and_query(target, expected):
+    assert extension.origin_form(target) == expected
 
 
 # ------------------------------------------------------------------ the listener
