@@ -2866,8 +2866,8 @@ class _ClientReader(HttpStream):
     and so does a drip, at the first read past the deadline (within twice the read
     timeout at worst; a settimeout per read would be a system call per read).
 
-    Lock rule: admission_lock (Clients's) guards deadline and evicted, so that a
-    connection is never both taken for eviction and found busy: the first byte of a
+    Lock rule: admission_lock (Clients's) guards deadline, idle_since and evicted, so that
+    a connection is never both taken for eviction and found busy: the first byte of a
     request is only peeked at, and the connection marked busy, before it leaves the
     kernel's buffer. buffer changes only while deadline is set (a request is read)."""
 
@@ -2897,8 +2897,9 @@ class _ClientReader(HttpStream):
 
     def answered(self):
         """Idle again: from the moment the answer is out, admission may take it."""
-        self.idle_since = time.monotonic()
-        self.deadline = None
+        with self.admission_lock:
+            self.idle_since = time.monotonic()
+            self.deadline = None
 
     def receive(self, size):
         if time.monotonic() > self.deadline:
@@ -2911,8 +2912,9 @@ class Clients:
 
     A newcomer over the limit takes the place of the connection idle longest (waiting
     between requests with nothing received), which is closed; with none idle it is
-    refused. Lock rule: self._lock guards self._open and each reader's deadline and
-    evicted flag; it is held for set operations and zero-timeout checks only."""
+    refused. Lock rule: self._lock guards self._open and each reader's deadline,
+    idle_since and evicted flag; it is held for set operations and zero-timeout checks
+    only (the stop's wait too: it sleeps between looks, not holding it)."""
 
     def __init__(self, max_clients, read_timeout):
         self.max_clients = max_clients
@@ -2956,34 +2958,28 @@ class Clients:
         with self._lock:
             self._open.discard(reader)
 
+    def wait_answered(self, timeout):
+        """Wait, timeout seconds at most, until no request has begun that is not answered
+        (every connection idle or gone); False when one still has not been."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if all(reader.deadline is None for reader in self._open):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
     def __len__(self):
         with self._lock:
             return len(self._open)
 
 
-class Gauge:
-    """A count of requests being answered, for the stop to wait on. A plain lock, not a
-    Condition: it is taken twice per request, and the stop can afford to poll."""
-
-    def __init__(self):
-        self.value = 0
-        self._lock = threading.Lock()
-
-    def change(self, delta):
-        with self._lock:
-            self.value += delta
-
-    def wait_zero(self, timeout, clock=time.monotonic, sleep=time.sleep):
-        deadline = clock() + timeout
-        while self.value:
-            if clock() >= deadline:
-                return False
-            sleep(0.005)
-        return True
-
-
-def serve_connection(reader, service, in_flight):
-    """Answer the requests of one connection until it ends or must close."""
+def serve_connection(reader, service):
+    """Answer the requests of one connection until it ends or must close. A request is
+    busy (reader.deadline set) from its first byte until its answer is written, or, when
+    the connection then closes, until it is closed: Listener.stop waits for it, so that an
+    answer computed is an answer sent."""
     sock = reader.sock
     while reader.next_request():
         try:
@@ -2995,17 +2991,13 @@ def serve_connection(reader, service, in_flight):
             _close_after_unread_input(sock)
             return
         keep, connection = connection_after(method, version, headers)
-        in_flight.change(+1)  # the stop waits for these to be answered
-        try:
-            status, extra, body = service.answer(method, origin_form(target), headers)
-        finally:
-            in_flight.change(-1)
+        status, extra, body = service.answer(method, origin_form(target), headers)
         sock.sendall(format_response(status, extra, body, connection, method == "HEAD"))
-        reader.answered()
         if not keep:
             if method != "GET" or has_body(headers):
                 _close_after_unread_input(sock)  # a body was not read
             return
+        reader.answered()
 
 
 class Listener:
@@ -3021,7 +3013,6 @@ class Listener:
         self.start_thread = start_thread
         self.read_timeout = service.config.read_timeout_ms / 1000.0
         self.clients = Clients(service.config.max_clients, self.read_timeout)
-        self.in_flight = Gauge()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._thread = None
 
@@ -3075,7 +3066,7 @@ class Listener:
 
     def _serve(self, reader):
         try:
-            serve_connection(reader, self.service, self.in_flight)
+            serve_connection(reader, self.service)
         except Exception as error:  # reset by the peer, a timeout, a bug: one line, no data
             self._log_safely("debug", f"connection ended with {type(error).__name__}")
         finally:
@@ -3089,7 +3080,7 @@ class Listener:
             pass
 
     def stop(self, grace):
-        """Stop accepting at once, then let requests in flight finish within grace seconds."""
+        """Stop accepting at once, then let requests begun be answered within grace seconds."""
         try:
             self._wake_writer.send(b"x")
         except OSError:
@@ -3098,7 +3089,7 @@ class Listener:
             self._thread.join(1.0)
         for sock in self.sockets:
             sock.close()
-        if not self.in_flight.wait_zero(grace):
+        if not self.clients.wait_answered(grace):
             self.service.log.warn("stopping with requests still in flight")
 
 # ---------------------------------------------------------------------------

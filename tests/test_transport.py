@@ -283,6 +283,33 @@ def test_stop_returns_at_once_with_nothing_in_flight(listening):
         socket.create_connection(("127.0.0.1", listener.sockets[0].getsockname()[1]), timeout=1)
 
 
+def test_stop_waits_for_the_answer_of_a_request_begun(listening):
+    # The stop used to count a request out before its answer was written: the process
+    # could end between the two, and the caller's connection closed with no answer.
+    listener = listening()
+    computing, finish = threading.Event(), threading.Event()
+    answer = listener.service.answer
+
+    def slow_answer(*args):
+        computing.set()
+        finish.wait(5)
+        return answer(*args)
+
+    listener.service.answer = slow_answer
+    with socket.create_connection(("127.0.0.1", listener.sockets[0].getsockname()[1]), timeout=5) as sock:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert computing.wait(5)
+        stopped = threading.Event()
+        threading.Thread(target=lambda: (listener.stop(5.0), stopped.set()), daemon=True).start()
+        assert not stopped.wait(0.3)  # the answer is still being computed
+        finish.set()
+        assert stopped.wait(5)
+        # By the time the stop returns the whole answer is out: no wait needed to read it.
+        sock.setblocking(False)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert not [line for line in listener.service.log.lines if "still in flight" in line[1]]
+
+
 def test_port_taken_on_ipv6_loopback_is_a_problem_and_nothing_stays_bound():
     try:
         blocker = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
