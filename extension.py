@@ -2605,9 +2605,9 @@ class Service:
     def answer(self, method, target, headers):
         """(status, [(header, value)], body) for one request. headers: [(lower-case name,
         value)] as received, repeats kept. Never raises: every failure is answered."""
-        self.check_restore()
         request = None
         try:
+            self.check_restore()
             if method != "GET":
                 raise ClientError(405, "MethodNotAllowed", f"only GET is served, not {method[:16]!r}")
             if any(name in FORWARDING_HEADERS for name, _ in headers):

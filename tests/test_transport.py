@@ -9,6 +9,7 @@ with h11.)
 """
 
 import io
+import json
 import socket
 import threading
 import time
@@ -308,6 +309,17 @@ def test_stop_waits_for_the_answer_of_a_request_begun(listening):
         sock.setblocking(False)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
     assert not [line for line in listener.service.log.lines if "still in flight" in line[1]]
+
+
+def test_answer_never_raises_even_when_the_restore_check_does():
+    service = make_service()
+
+    def broken():
+        raise MemoryError
+
+    service.check_restore = broken
+    status, _, body = service.answer("GET", "/ping", [("host", "x")])
+    assert (status, json.loads(body)["__type"]) == (500, "InternalError")
 
 
 def test_port_taken_on_ipv6_loopback_is_a_problem_and_nothing_stays_bound():
