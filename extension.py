@@ -3333,7 +3333,8 @@ def answer_wait(config, kind):
 
 
 class LocalClient:
-    """One keep-alive connection to the running extension on 127.0.0.1:port. clock and
+    """The wrapper's client of the running extension on 127.0.0.1:port, a connection of its
+    own for each value (a few a cold start, on loopback: nothing to keep alive). clock and
     sleep pace the wait for an extension still starting (injectable for tests); every
     connection and answer is also bounded on the real monotonic clock."""
 
@@ -3343,7 +3344,6 @@ class LocalClient:
         # select, not time.sleep: under libfaketime (tests/fake_lambda.py) time.sleep fails.
         self.sleep = sleep or (lambda seconds: select.select([], [], [], seconds))
         self.parts = urlsplit(f"http://127.0.0.1:{config.port}")
-        self.connection = None
 
     def _connect(self):
         """Connect, retrying a refused connection until EXTENSION_WAIT_SECONDS have passed."""
@@ -3365,42 +3365,26 @@ class LocalClient:
     def value(self, reference):
         """The value of a reference, through the extension."""
         headers = [("Host", self.parts.netloc), (TOKEN_HEADER, self.config.request_token)]
-        deadline = time.monotonic() + answer_wait(self.config, reference.kind)
-        for attempt in (1, 2):
-            fresh = self.connection is None or has_leftover(self.connection)
-            if fresh:
-                self.close()
-                self.connection = self._connect()
-            try:
-                status, data, reusable = exchange(self.connection, "GET", reference_target(reference), headers,
-                                                  None, deadline)
-                break
-            except socket.timeout:
-                self.close()
-                raise UnresolvedReference("ExtensionTimeout", "the extension did not answer in time") from None
-            except HttpProtocolError as error:
-                self.close()
-                raise UnresolvedReference("UpstreamInvalidResponse", str(error)) from None
-            except OSError as error:
-                self.close()
-                # A kept connection the extension closed meanwhile: once more on a new one.
-                if fresh or attempt == 2:
-                    raise UnresolvedReference("ExtensionUnreachable", type(error).__name__) from None
-        if not reusable:
-            self.close()
+        connection = self._connect()
+        try:
+            status, data, _ = exchange(connection, "GET", reference_target(reference), headers, None,
+                                       time.monotonic() + answer_wait(self.config, reference.kind))
+        except socket.timeout:
+            raise UnresolvedReference("ExtensionTimeout", "the extension did not answer in time") from None
+        except HttpProtocolError as error:
+            raise UnresolvedReference("UpstreamInvalidResponse", str(error)) from None
+        except OSError as error:
+            raise UnresolvedReference("ExtensionUnreachable", type(error).__name__) from None
+        finally:
+            connection.close()
         if status != 200:
             raise aws_error(status, data)
         return value_from_answer(reference, data)
 
-    def close(self):
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-
 
 def fetch_references(references, config, workers=REFERENCE_WORKERS):
     """{fetch_key: value or UnresolvedReference} for the distinct fetch keys of references,
-    fetched at most `workers` at a time, each worker on its own connection."""
+    fetched at most `workers` at a time."""
     pending = list(dict.fromkeys(reference.fetch_key for reference in references))
     by_key = {reference.fetch_key: reference for reference in references}
     results = {}
@@ -3408,24 +3392,21 @@ def fetch_references(references, config, workers=REFERENCE_WORKERS):
 
     def work():
         client = LocalClient(config)
-        try:
-            while True:
-                with lock:
-                    if not pending:
-                        return
-                    key = pending.pop(0)
-                try:
-                    result = client.value(by_key[key])
-                except UnresolvedReference as error:
-                    result = error
-                except AwsError as error:
-                    result = UnresolvedReference(error.error_type, error.message)
-                except Exception as error:  # a bug: named, never a value
-                    result = UnresolvedReference("InternalError", type(error).__name__)
-                with lock:
-                    results[key] = result
-        finally:
-            client.close()
+        while True:
+            with lock:
+                if not pending:
+                    return
+                key = pending.pop(0)
+            try:
+                result = client.value(by_key[key])
+            except UnresolvedReference as error:
+                result = error
+            except AwsError as error:
+                result = UnresolvedReference(error.error_type, error.message)
+            except Exception as error:  # a bug: named, never a value
+                result = UnresolvedReference("InternalError", type(error).__name__)
+            with lock:
+                results[key] = result
 
     threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(pending)) - 1)]
     for thread in threads:
