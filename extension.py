@@ -3602,13 +3602,11 @@ def run_in_lambda(api, early, config, log, service, listener, fatal):
         return 1
 
 
-USAGE = """usage: python3 extension.py [NAME]
-
-Serves SSM parameters and Secrets Manager secrets on http://localhost:2773 from a cache,
-as the AWS Parameters and Secrets Lambda Extension does. NAME is the extension's name in
-logs and at /register (default: parameters-secrets-extension). Configured by environment
-variables only: see the top of extension.py or docs/configuration.md.
-"""
+# --help: the routes, the variables and the usage of this file's docstring (one text to
+# keep right, not two; there is none under python -OO).
+DOC = __doc__ or ""
+USAGE = ("usage: python3 extension.py [NAME]\n\n" + DOC[DOC.find("Routes"):DOC.find("What it never does")]
+         + DOC[DOC.find("Usage:"):])
 
 
 def main(argv, early=None):
