@@ -72,21 +72,22 @@ What it never does
     /event/next, which blocks until Lambda has an event by design.
 
 Layout (each section needs only the ones above it)
-    Early start     before any other import: the listening sockets, and /register by hand
+    HTTP/1.1        one grammar for every message read (requests, AWS's, the credentials
+                    endpoint's and Lambda's answers), and the outbound client: one request
+                    and answer under a deadline and a size cap
+    Early start     before any other import: the listening sockets, and /register
                     (Lambda starts the function's runtime only once every extension has)
     Errors          every failure, and the one place it becomes an HTTP answer
     Configuration   the environment, read once into Config
     Logging         one line per event, control characters escaped, never a value
     SigV4           pure functions, one per step of AWS's signing process
-    HTTP exchange   the outbound HTTP/1.1 client: one request and answer under a deadline
-                    and a size cap
     Credentials     environment, container endpoint, shared files
     AWS client      JSON 1.1 calls, connection pool, retries inside the budget
     AWS answers     shape checks, and the official extension's answer shapes
     Cache           TTL + LRU on two clocks, one AWS call per miss, stale answers
     Requests        query parsing, the requests (one value, a path, a batch), and Service:
                     what a request means and its answer
-    HTTP server     the transport: sockets, request heads, keep-alive, admission
+    HTTP server     the transport: sockets, answers, keep-alive, admission, the stop
     Lambda lifecycle  the Extensions API
     Values in environment variables  the layer's wrapper: {{ssm:...}} / {{secret:...}}
                     in the runtime's environment, resolved through the running extension
@@ -100,10 +101,360 @@ Usage: python3 extension.py [NAME]    (NAME: the extension's name, for logs and 
 
 import errno
 import os
+import select  # loaded with socket already (its selectors): free at start
 import signal
 import socket
 import sys
 import time
+
+# ---------------------------------------------------------------------------
+# HTTP/1.1: one grammar for every message read (callers' requests, the answers of AWS,
+# of the credentials endpoint and of Lambda), and the outbound client
+# ---------------------------------------------------------------------------
+#
+# One set of rules, read once (docs/design.md, "Transport"): RFC 9112 for the message,
+# RFC 9110 for its fields, at least as strict as h11, the reference parser
+# (tests/test_fuzz.py holds them to it; tests/test_grammar.py lists the cases). What the
+# grammar refuses is an HttpProtocolError: a request refused so is answered 4xx or 505,
+# an answer refused so is never used, nor is the connection it came on. The early start
+# registers through this client, so this section needs nothing but what the early start
+# may import (a token is checked with bytes.translate, not re).
+
+MAX_START_LINE = 65536  # a request line or a status line, its line end included
+# The field lines of one head, or a chunked body's trailers, each line end counted as two
+# bytes. This API needs a token and a few standard headers: 32 KiB is plenty, and without
+# a cap http.server-style parsing holds 100 x 64 KiB per request (docs/pitfalls.md).
+MAX_HEADER_BYTES = 32 * 1024
+MAX_HEADER_LINES = 100
+MAX_CHUNK_LINE = 1024  # a chunk size and its extensions
+RECEIVE_BYTES = 65536  # the most one recv asks for
+# AWS answers are small: a parameter value is at most 8 KB, a secret 64 KB; with the
+# metadata well under 100 KB. Anything over this is refused unread (docs/pitfalls.md).
+MAX_ANSWER_BYTES = 1024 * 1024
+TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # tchar
+VCHAR = bytes(range(0x21, 0x7F))
+# A field value (and a reason phrase, a chunk extension): VCHAR, obs-text, SP and HTAB,
+# no other control character (RFC 9110 section 5.5): a CR or LF would end the line.
+VALUE_BYTES = b"\t " + VCHAR + bytes(range(0x80, 0x100))
+
+
+class HttpProtocolError(Exception):
+    """Bytes the grammar refuses, or an answer over its cap. status and error_type: what a
+    caller's request refused so is answered (400 BadRequest unless said)."""
+
+    def __init__(self, message, status=400, error_type="BadRequest"):
+        super().__init__(message)
+        self.status, self.error_type = status, error_type
+
+
+def is_token(data):
+    """RFC 9110 section 5.6.2: one or more tchar."""
+    return bool(data) and not data.translate(None, TOKEN_BYTES)
+
+
+def is_field_value(data):
+    return not data.translate(None, VALUE_BYTES)
+
+
+class HttpStream:
+    """What was received from one peer (sock: anything with recv) and not taken yet
+    (buffer), and the reads the grammar makes on it. Each read asks the socket for no more
+    than the line, body or cap it reads: nothing past those is received. receive() is
+    where a subclass bounds the wait. The end of the stream where more is needed is a
+    ConnectionError."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = b""
+
+    def receive(self, size):
+        """At most size more bytes; b"" at the end of the stream."""
+        return self.sock.recv(size)
+
+    def read_line(self, limit, too_long, crlf=False):
+        """The next line, its end cut: CRLF, or a bare LF (RFC 9112 section 2.2) but where
+        crlf (a chunk's framing: section 7.1; h11 agrees). A CR anywhere else is refused.
+        HttpProtocolError(*too_long) when no line ends within limit bytes."""
+        searched = 0
+        while True:
+            end = self.buffer.find(b"\n", searched, limit)
+            if end >= 0:
+                line, self.buffer = self.buffer[:end], self.buffer[end + 1:]
+                if (crlf and not line.endswith(b"\r")) or b"\r" in line[:-1]:
+                    raise HttpProtocolError("a line holds a CR that does not end it, or a chunk line has no CRLF")
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self.buffer) >= limit:
+                raise HttpProtocolError(*too_long)
+            searched = len(self.buffer)
+            self._more(limit - searched)
+
+    def read(self, size, to_end=False):
+        """The next size bytes; to_end: what comes until the peer closes, size at most."""
+        while len(self.buffer) < size and self._more(size - len(self.buffer), to_end):
+            pass
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def _more(self, wanted, end_allowed=False):
+        chunk = self.receive(min(RECEIVE_BYTES, wanted))
+        if not (chunk or end_allowed):
+            raise ConnectionError("the connection ended in the middle of a message")
+        self.buffer += chunk
+        return chunk
+
+
+def read_fields(stream):
+    """[(lower-case name, value)] of the field lines up to the empty line that ends them (a
+    head's headers, or a chunked body's trailers), repeats kept in order. At most
+    MAX_HEADER_LINES lines and MAX_HEADER_BYTES bytes: 431 HeadersTooLarge as soon as
+    either is passed, and no read asks the socket for a byte past the byte cap. A line is
+    a field: an RFC 9110 token, a colon right after it (RFC 9112 section 5.1: no white
+    space before it; a folded line, which begins with white space, fails this too:
+    section 5.2), a value, the white space around it cut."""
+    fields = []
+    size = 0
+    while True:
+        line = stream.read_line(MAX_HEADER_BYTES - size,
+                                (f"the headers are larger than {MAX_HEADER_BYTES} bytes", 431, "HeadersTooLarge"))
+        size += len(line) + 2
+        if not line:
+            return fields
+        if len(fields) >= MAX_HEADER_LINES:
+            raise HttpProtocolError(f"more than {MAX_HEADER_LINES} header lines", 431, "HeadersTooLarge")
+        name, colon, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if not (colon and is_token(name) and is_field_value(value)):
+            raise HttpProtocolError("a header line is not 'Name: value'", 400, "MalformedHeader")
+        fields.append((name.decode("ascii").lower(), value.decode("latin-1")))
+
+
+def field_tokens(fields, name):
+    """The comma-separated tokens of every field called name, in lower case."""
+    return {token.strip().lower() for field, value in fields if field == name for token in value.split(",")}
+
+
+def is_version(data):
+    """HTTP-version: HTTP/DIGIT.DIGIT (RFC 9112 section 2.3)."""
+    return len(data) == 8 and data[:5] == b"HTTP/" and data[6:7] == b"." and (data[5:6] + data[7:]).isdigit()
+
+
+def body_framing(fields):
+    """How the body after a head with these fields is framed (RFC 9112 section 6.3):
+    ("chunked", None), ("length", n), or (None, None) when neither field is there.
+    Transfer-Encoding is exactly chunked (in any case), the one coding of one field line;
+    Content-Length is digits only, the same digits on every line; both at once are refused,
+    as a sign of request smuggling (section 6.1). Else HttpProtocolError."""
+    codings = [value for name, value in fields if name == "transfer-encoding"]
+    lengths = {value for name, value in fields if name == "content-length"}
+    if codings:
+        if len(codings) > 1 or codings[0].lower() != "chunked" or lengths:
+            raise HttpProtocolError("Transfer-Encoding is not 'chunked' alone, or comes with Content-Length")
+        return "chunked", None
+    if not lengths:
+        return None, None
+    length = lengths.pop()
+    if lengths or not (length.isascii() and length.isdigit() and len(length) <= 18):
+        raise HttpProtocolError("Content-Length is not one number")
+    return "length", int(length)
+
+
+def read_chunked(stream, cap):
+    """The body of a chunked message (RFC 9112 section 7.1): a chunk size is 1 to 16 hex
+    digits, right before the line end or a ';' whose chunk extensions are ignored (checked
+    as a field value); a chunk's data ends with CRLF; the trailers are read as fields
+    (bounded alike) and dropped, framing fields among them refused (RFC 9110 section
+    6.5.1). HttpProtocolError past cap bytes, before the chunk that passes it is read."""
+    parts = []
+    size = 0
+    while True:
+        line = stream.read_line(MAX_CHUNK_LINE, ("a chunk size line is too long",), crlf=True)
+        digits, _, extensions = line.partition(b";")
+        if not (0 < len(digits) <= 16 and not digits.translate(None, b"0123456789ABCDEFabcdef")
+                and is_field_value(extensions)):
+            raise HttpProtocolError("a chunk size is not hex digits")
+        chunk = int(digits, 16)
+        if chunk == 0:  # the last chunk
+            if body_framing(read_fields(stream)) != (None, None):
+                raise HttpProtocolError("a trailer names the framing")
+            return b"".join(parts)
+        size += chunk
+        if size > cap:
+            raise HttpProtocolError(f"an answer over {cap} bytes")
+        parts.append(stream.read(chunk))
+        if stream.read(2) != b"\r\n":
+            raise HttpProtocolError("a chunk does not end where its size says")
+
+
+def read_request(stream):
+    """(method, target, version, headers) of the next request on stream (an HttpStream),
+    headers as [(lower-case name, value)], repeats kept. Raises HttpProtocolError, with the
+    answer the request gets (400, 414, 431, 505), as soon as its head is known to be
+    refused: the request line is method SP target SP HTTP-version, one space each, the
+    target VCHAR only (RFC 9112 section 3; one empty line before it is skipped: section
+    2.2), checked before the fields are read (HTTP/0.9, "GET /", sends none to wait for);
+    then read_fields' rules, exactly one Host (or none, on HTTP/1.0: section 3.2) and
+    body_framing's. Nothing is received past MAX_START_LINE bytes from the head's start,
+    or past MAX_HEADER_BYTES after its request line, whichever is further."""
+    too_long = (f"the request line is longer than {MAX_START_LINE} bytes", 414, "RequestLineTooLong")
+    line = stream.read_line(MAX_START_LINE, too_long) or stream.read_line(MAX_START_LINE, too_long)
+    method, _, rest = line.partition(b" ")
+    target, _, version = rest.partition(b" ")
+    if not (is_token(method) and target and not target.translate(None, VCHAR) and is_version(version)):
+        raise HttpProtocolError("the request line is not 'METHOD target HTTP/1.1', one space apart, the target "
+                                "visible ASCII (HTTP/0.9 is not served)")
+    if version[5:6] != b"1":
+        raise HttpProtocolError("only HTTP/1.0 and HTTP/1.1 are served", 505, "HTTPVersionNotSupported")
+    headers = read_fields(stream)
+    hosts = sum(name == "host" for name, _ in headers)
+    if hosts > 1 or (hosts == 0 and version != b"HTTP/1.0"):
+        raise HttpProtocolError("a request needs one Host header (HTTP/1.0: at most one)")
+    body_framing(headers)
+    return method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers
+
+
+def has_leftover(stream):
+    """True when bytes or an end of stream wait on stream (an HttpStream) past what was
+    taken: in its buffer, in TLS's, or in the socket; a broken socket too (whoever reads it
+    next sees the end). No wait: a zero-timeout select. (Not a peek: a recv on a socket
+    with a timeout may wait for that timeout when another thread takes the bytes first.)"""
+    sock = stream.sock
+    if stream.buffer or getattr(sock, "pending", lambda: 0)():
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+def _remaining(deadline):
+    """Seconds left until deadline (None: no limit); socket.timeout when none are."""
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("the deadline has passed")
+    return remaining
+
+
+_TLS_CONTEXTS = []
+
+
+def _tls_context():
+    """One verifying TLS context, made at the first https connection: ssl is imported
+    then, not at start (an endpoint on loopback, and Lambda's own API, never need it),
+    and the system's certificates are loaded once."""
+    if not _TLS_CONTEXTS:
+        import ssl
+
+        _TLS_CONTEXTS.append(ssl.create_default_context())  # a race makes two: harmless
+    return _TLS_CONTEXTS[0]
+
+
+class HttpConnection(HttpStream):
+    """One outbound HTTP/1.1 connection, plain or TLS (port None: the scheme's), whose every
+    read and write ends by self.deadline (monotonic seconds), which each exchange sets;
+    None waits as long as it takes (only Lambda's /event/next does). self.headers: the
+    fields of the last answer.
+
+    Not http.client: its timeout applies to each socket operation, so a peer sending 10
+    bytes a second never trips it (docs/pitfalls.md), and it brings the email package,
+    about 10 ms and 1.5 MiB of every cold start (docs/design.md, "Cold start"). What is
+    needed here, one request and one answer of known framing at a time, is short."""
+
+    def __init__(self, scheme, host, port, deadline):
+        sock = socket.create_connection((host, port or (443 if scheme == "https" else 80)), _remaining(deadline))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests: no Nagle delay
+            if scheme == "https":
+                sock.settimeout(_remaining(deadline))
+                sock = _tls_context().wrap_socket(sock, server_hostname=host)  # certificates, host name
+        except BaseException:
+            sock.close()
+            raise
+        super().__init__(sock)
+        self.deadline = deadline
+        self.headers = []
+
+    def receive(self, size):
+        self.sock.settimeout(_remaining(self.deadline))
+        return self.sock.recv(size)
+
+    def close(self):
+        self.sock.close()
+
+
+def open_connection(parts, deadline):
+    """A connected HttpConnection to urlsplit parts, within the deadline."""
+    return HttpConnection(parts.scheme, parts.hostname, parts.port, deadline)
+
+
+def exchange(connection, method, target, headers, body, deadline, cap=MAX_ANSWER_BYTES):
+    """Send one request on connection and read its whole answer by the deadline: (status,
+    data, reusable); the answer's fields are left on connection.headers.
+
+    The request is checked before a byte is sent: ValueError, naming the header (never its
+    value), for a target that is not VCHAR, a header name that is not a token, or a value
+    the field rule refuses (a CR or LF would inject a header of its own). reusable is
+    true only after one complete answer that does not ask to close: one framed by the end
+    of the connection leaves it unusable (docs/pitfalls.md). Raises socket.timeout,
+    OSError (ConnectionError for an answer cut short), or HttpProtocolError for an answer
+    the grammar refuses or over cap bytes: a declared length or a chunk over it is refused
+    before it is read, an answer framed by the end of the connection once cap + 1 bytes of
+    it are in (nothing more is received; the head's reads may have brought up to
+    MAX_START_LINE bytes)."""
+    if body is not None:
+        headers = [*headers, ("Content-Length", str(len(body)))]
+    if not target.isascii() or target.encode("ascii").translate(None, VCHAR):
+        raise ValueError("the request target holds a character that is not VCHAR")
+    head = f"{method} {target} HTTP/1.1\r\n".encode("ascii")
+    for name, value in headers:
+        try:
+            name_bytes, value_bytes = name.encode("ascii"), value.encode("latin-1")
+        except UnicodeEncodeError:
+            name_bytes = value_bytes = b"\0"
+        if not (is_token(name_bytes) and is_field_value(value_bytes)):
+            raise ValueError(f"the header {name!r} holds a character that a header cannot carry")
+        head += name_bytes + b": " + value_bytes + b"\r\n"
+    connection.deadline = deadline
+    connection.sock.settimeout(_remaining(deadline))
+    connection.sock.sendall(head + b"\r\n" + (body or b""))
+    status = 100
+    while status < 200:  # an interim answer (1xx) is read past: the final one follows (RFC 9110 section 15.2)
+        version, _, rest = connection.read_line(MAX_START_LINE, ("a status line is too long",)).partition(b" ")
+        code, space, reason = rest.partition(b" ")
+        # HTTP/1.x SP 3DIGIT SP reason-phrase, maybe empty (RFC 9112 section 4); 100 to 599
+        # (RFC 9110 section 15), but 101: no request here asks to switch protocols.
+        if not (is_version(version) and version[5:6] == b"1" and space and len(code) == 3 and code.isdigit()
+                and 100 <= int(code) <= 599 and code != b"101" and is_field_value(reason)):
+            raise HttpProtocolError("the answer does not begin with an HTTP/1.x status line")
+        status, fields = int(code), read_fields(connection)
+        framing, length = body_framing(fields)
+    connection.headers = fields
+    # HTTP/1.1 and later persist unless Connection says close (RFC 9112 section 9.3).
+    keep = version != b"HTTP/1.0" and "close" not in field_tokens(fields, "connection")
+    if status in (204, 304) or method == "HEAD":
+        return status, b"", keep  # no body (RFC 9112 section 6.3)
+    if framing == "chunked":
+        return status, read_chunked(connection, cap), keep
+    if framing == "length" and length > cap:
+        raise HttpProtocolError(f"an answer of {length} bytes (at most {cap} are read)")
+    # Neither field: the body ends with the connection (RFC 9112 section 6.3), which then
+    # cannot be reused.
+    data = connection.read(length, to_end=False) if framing else connection.read(cap + 1, to_end=True)
+    if len(data) > cap:
+        raise HttpProtocolError(f"an answer over {cap} bytes")
+    return status, data, keep and framing is not None
+
+
+def fetch(scheme, host, port, method, target, headers, body, deadline, cap=MAX_ANSWER_BYTES, connect_deadline=None):
+    """One exchange on a connection of its own (connected by connect_deadline, else by
+    deadline), closed after it: (status, data, the answer's fields)."""
+    connection = HttpConnection(scheme, host, port, connect_deadline or deadline)
+    try:
+        return exchange(connection, method, target, headers, body, deadline, cap)[:2] + (connection.headers,)
+    finally:
+        connection.close()
 
 # ---------------------------------------------------------------------------
 # Early start: listening and registered before anything else is imported
@@ -111,10 +462,10 @@ import time
 #
 # Lambda starts the function's runtime only once every extension has registered, so all
 # that runs before /register is paid on every cold start (docs/design.md, "Cold start").
-# This section needs nothing but errno, os, signal, socket, sys and time: it binds the
-# listening sockets (a request the function sends before serving begins waits in the
-# listen backlog, never refused) and registers with a few lines of HTTP/1.1 written by
-# hand. The rest of the file is then imported while Lambda starts the runtime. A failure
+# This section needs nothing but the one above and errno, os, select, signal, socket, sys
+# and time: it binds the listening sockets (a request the function sends before serving
+# begins waits in the listen backlog, never refused) and registers with the HTTP client
+# above. The rest of the file is then imported while Lambda starts the runtime. A failure
 # here is only noted: it is reported once the rest is loaded (after /register, with
 # /init/error and its type).
 
@@ -194,38 +545,17 @@ def runtime_api_address(runtime_api):
 
 
 def register(runtime_api, name, timeout=REGISTER_TIMEOUT_SECONDS):
-    """POST /2020-01-01/extension/register, by hand: (status, identifier or None, body),
-    the whole exchange within timeout seconds. Raises OSError when Lambda cannot be
-    reached or does not answer in time; ValueError for a malformed address."""
+    """POST /2020-01-01/extension/register with the client above: (status, identifier or
+    None, body), the whole exchange within timeout seconds, the answer read by its framing
+    (a Runtime API that keeps the connection open must not hold the cold start). Raises
+    OSError when Lambda cannot be reached or does not answer in time, HttpProtocolError for
+    an answer the grammar refuses, ValueError for a malformed address or name."""
     host, port = runtime_api_address(runtime_api)
-    request = (f"POST /2020-01-01/extension/register HTTP/1.1\r\nHost: {runtime_api}\r\n"
-               f"Lambda-Extension-Name: {name}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(REGISTER_BODY)}\r\nConnection: close\r\n\r\n").encode("latin-1")
-    answer = b""
-    deadline = time.monotonic() + timeout
-    with socket.create_connection((host, port), timeout) as sock:
-        sock.sendall(request + REGISTER_BODY)
-        while len(answer) <= MAX_REGISTER_ANSWER:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("Lambda did not answer /register in time")
-            sock.settimeout(remaining)
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status_words = lines[0].split(" ", 2)
-    if len(status_words) < 2 or not status_words[1].isdecimal():
-        raise OSError(f"Lambda answered /register with {lines[0][:60]!r}")
-    headers = {}
-    for line in lines[1:]:
-        key, _, value = line.partition(":")
-        headers[key.strip().lower()] = value.strip()
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = b""  # only ever shown at debug level: not worth a decoder here
-    return int(status_words[1]), headers.get("lambda-extension-identifier") or None, body
+    status, body, fields = fetch("http", host, port, "POST", "/2020-01-01/extension/register",
+                                 [("Host", runtime_api), ("Lambda-Extension-Name", name),
+                                  ("Content-Type", "application/json")], REGISTER_BODY,
+                                 time.monotonic() + timeout, MAX_REGISTER_ANSWER)
+    return status, dict(fields).get("lambda-extension-identifier") or None, body
 
 
 class EarlyStart:
@@ -244,7 +574,7 @@ class EarlyStart:
         if runtime_api:
             try:
                 self.registration = register(runtime_api, self.name)
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError, HttpProtocolError) as error:
                 self.register_error = error
 
 
@@ -260,8 +590,6 @@ import hmac
 import http  # HTTPStatus only: the package itself is small (http.server is not imported)
 import json
 import re
-import select
-import selectors
 import threading
 from collections import OrderedDict, namedtuple
 from datetime import datetime, timezone
@@ -379,11 +707,6 @@ class ConnectionsBusy(UpstreamError):
 
     def __init__(self, detail):
         super().__init__(503, "ConnectionsBusy", "every connection to AWS is busy; retry", detail)
-
-
-class HttpProtocolError(Exception):
-    """An answer that is not HTTP/1.1 as it should be: a bad status line or header, a
-    body cut short. The connection it came on is unusable."""
 
 
 class UnresolvedReference(Exception):
@@ -843,199 +1166,6 @@ def sign_request(method, url, headers, body, credentials, region, service, now):
 
 
 # ---------------------------------------------------------------------------
-# HTTP exchange: one outbound request and its answer, under one deadline and a size cap
-# ---------------------------------------------------------------------------
-
-# AWS answers are small: a parameter value is at most 8 KB, a secret 64 KB; with the
-# metadata well under 100 KB. Anything over this is refused unread (docs/pitfalls.md).
-MAX_ANSWER_BYTES = 1024 * 1024
-MAX_ANSWER_HEAD = 64 * 1024  # status line and headers of one answer
-MAX_CHUNK_LINE = 1024
-
-
-class HttpConnection:
-    """One outbound HTTP/1.1 connection, plain or TLS, whose every read and write ends by
-    the deadline (monotonic seconds) of the exchange in progress, or waits as long as it
-    takes when that deadline is None (only Lambda's /event/next does).
-
-    Not http.client: its timeout applies to each socket operation, so a peer sending 10
-    bytes a second never trips it (docs/pitfalls.md), and it brings the email package,
-    about 10 ms and 1.5 MiB of every cold start (docs/design.md, "Cold start"). What is
-    needed here, one request and one answer of known framing at a time, is short."""
-
-    def __init__(self, scheme, host, port, deadline):
-        self.buffer = b""  # answer bytes received and not yet taken
-        sock = socket.create_connection((host, port), _remaining(deadline))
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests: no Nagle delay
-            if scheme == "https":
-                sock.settimeout(_remaining(deadline))
-                sock = _tls_context().wrap_socket(sock, server_hostname=host)  # certificates, host name
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-    def send(self, data, deadline):
-        self.sock.settimeout(_remaining(deadline))
-        self.sock.sendall(data)
-
-    def _fill(self, deadline):
-        self.sock.settimeout(_remaining(deadline))
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise HttpProtocolError("the connection ended in the middle of an answer")
-        self.buffer += chunk
-
-    def read_line(self, limit, deadline):
-        """One line, its CRLF stripped; HttpProtocolError past limit bytes."""
-        while True:
-            end = self.buffer.find(b"\n", 0, limit + 1)
-            if end >= 0:
-                line, self.buffer = self.buffer[:end], self.buffer[end + 1:]
-                return line.rstrip(b"\r")
-            if len(self.buffer) > limit:
-                raise HttpProtocolError("a line of the answer is too long")
-            self._fill(deadline)
-
-    def read_exactly(self, size, deadline):
-        while len(self.buffer) < size:
-            self._fill(deadline)
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def read_to_end(self, cap, deadline):
-        """Everything until the peer closes, but no more than cap + 1 bytes."""
-        try:
-            while len(self.buffer) <= cap:
-                self._fill(deadline)
-        except HttpProtocolError:
-            pass  # the end of the stream is the end of this answer
-        data, self.buffer = self.buffer, b""
-        return data
-
-    def close(self):
-        self.sock.close()
-
-
-def _remaining(deadline):
-    """Seconds left until deadline (None: no limit); socket.timeout when none are."""
-    if deadline is None:
-        return None
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise socket.timeout("the deadline has passed")
-    return remaining
-
-
-_TLS_CONTEXTS = []
-
-
-def _tls_context():
-    """One verifying TLS context, made at the first https connection: ssl is imported
-    then, not at start (an endpoint on loopback, and Lambda's own API, never need it),
-    and the system's certificates are loaded once."""
-    if not _TLS_CONTEXTS:
-        import ssl
-
-        _TLS_CONTEXTS.append(ssl.create_default_context())  # a race makes two: harmless
-    return _TLS_CONTEXTS[0]
-
-
-def open_connection(parts, deadline):
-    """A connected HttpConnection to urlsplit parts, within the deadline."""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return HttpConnection(parts.scheme, parts.hostname, port, deadline)
-
-
-def exchange(connection, method, target, headers, body, deadline, cap=MAX_ANSWER_BYTES):
-    """Send one request on connection and read its whole answer by the deadline.
-
-    Returns (status, data, reusable). reusable is true only after one complete final
-    answer that does not ask to close: an interim 1xx, a cut body or an answer over cap
-    leave the connection unusable, because the next request would read what is left of
-    this one (docs/pitfalls.md). Raises socket.timeout, OSError, HttpProtocolError, or
-    UpstreamInvalidResponse for an answer over cap (not read past cap + 1 bytes)."""
-    lines = [f"{method} {target} HTTP/1.1"] + [f"{name}: {value}" for name, value in headers]
-    if body is not None:
-        lines.append(f"Content-Length: {len(body)}")
-    connection.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""), deadline)
-    status_line = connection.read_line(MAX_ANSWER_HEAD, deadline).decode("latin-1")
-    version, _, rest = status_line.partition(" ")
-    code = rest[:3]
-    if not version.startswith("HTTP/1.") or not (code.isdecimal() and code.isascii()):
-        raise HttpProtocolError("the answer does not begin with an HTTP/1.x status line")
-    status = int(code)
-    answer_headers = {}
-    size = len(status_line)
-    while True:
-        line = connection.read_line(MAX_ANSWER_HEAD, deadline)
-        size += len(line) + 2
-        if size > MAX_ANSWER_HEAD:
-            raise HttpProtocolError("the answer's headers are too large")
-        if not line:
-            break
-        name, colon, value = line.decode("latin-1").partition(":")
-        if not colon:
-            raise HttpProtocolError("a header line of the answer has no colon")
-        answer_headers[name.strip().lower()] = value.strip()
-    keep = version == "HTTP/1.1" and "close" not in answer_headers.get("connection", "").lower()
-    if status < 200 or status in (204, 304) or method == "HEAD":
-        # No body. An interim 1xx: its final answer follows, which no request is waiting
-        # for; the connection is not reused.
-        return status, b"", keep and status >= 200
-    if "chunked" in answer_headers.get("transfer-encoding", "").lower():
-        return status, _read_chunked(connection, cap, deadline), keep
-    length = answer_headers.get("content-length")
-    if length is not None:
-        if not (length.isdecimal() and length.isascii()):
-            raise HttpProtocolError("the answer's Content-Length is not a number")
-        if int(length) > cap:
-            raise UpstreamInvalidResponse(f"an answer of {length} bytes (at most {cap} are read)")
-        return status, connection.read_exactly(int(length), deadline), keep
-    data = connection.read_to_end(cap, deadline)  # framed by the end of the connection
-    if len(data) > cap:
-        raise UpstreamInvalidResponse(f"an answer over {cap} bytes")
-    return status, data, False
-
-
-def _read_chunked(connection, cap, deadline):
-    """The body of a chunked answer, trailers skipped; at most cap bytes."""
-    parts = []
-    size = 0
-    while True:
-        line = connection.read_line(MAX_CHUNK_LINE, deadline).split(b";", 1)[0].strip()
-        try:
-            chunk = int(line, 16)
-        except ValueError:
-            raise HttpProtocolError("a chunk size of the answer is not a number") from None
-        if chunk < 0:
-            raise HttpProtocolError("a chunk size of the answer is negative")
-        if chunk == 0:
-            while connection.read_line(MAX_ANSWER_HEAD, deadline):
-                pass  # trailers
-            return b"".join(parts)
-        size += chunk
-        if size > cap:
-            raise UpstreamInvalidResponse(f"an answer over {cap} bytes")
-        parts.append(connection.read_exactly(chunk, deadline))
-        if connection.read_line(2, deadline):
-            raise HttpProtocolError("a chunk of the answer does not end where its size says")
-
-
-def has_leftover(connection):
-    """True when an idle connection has bytes (or an EOF) waiting: it is not in step with
-    its peer any more, or the peer closed it. No wait: a zero-timeout select."""
-    sock = connection.sock
-    if connection.buffer or sock.fileno() < 0 or getattr(sock, "pending", lambda: 0)():
-        return True
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
-
-# ---------------------------------------------------------------------------
 # Credentials
 # ---------------------------------------------------------------------------
 
@@ -1170,30 +1300,28 @@ class CredentialProvider:
         parts = urlsplit(self.container_url())
         headers = [("Host", parts.netloc), ("Accept", "application/json")]
         token = c.container_token
+        variable = "AWS_CONTAINER_AUTHORIZATION_TOKEN" + ("_FILE" if c.container_token_file else "")
         if c.container_token_file:
             try:  # read on every refresh: the platform may rotate the file
                 with open(c.container_token_file, encoding="utf-8") as token_file:
                     token = token_file.read(MAX_CREDENTIALS_BYTES).strip()  # a token, not a file's worth
             except OSError as error:
-                raise CredentialsError(
-                    f"cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: {error.strerror}") from error
+                raise CredentialsError(f"cannot read {variable}: {error.strerror}") from error
         if token:
+            # A CR or LF would inject a header of its own (exchange refuses it too); never shown.
+            if not (token.isascii() and token.isprintable()):
+                raise CredentialsError(f"{variable}: the token holds a character that is not printable ASCII")
             headers.append(("Authorization", token))
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        connection = None
         try:
-            connection = open_connection(parts, deadline)
-            status, body, _ = exchange(connection, "GET", target, headers, None, deadline, MAX_CREDENTIALS_BYTES)
+            status, body, _ = fetch(parts.scheme, parts.hostname, parts.port, "GET", target, headers, None, deadline,
+                                    MAX_CREDENTIALS_BYTES)
         except socket.timeout:
             raise CredentialsError("container credentials endpoint did not answer in time") from None
-        except UpstreamInvalidResponse:
-            raise CredentialsError("container credentials endpoint answered more than "
-                                   f"{MAX_CREDENTIALS_BYTES} bytes") from None
-        except (OSError, HttpProtocolError) as error:
+        except HttpProtocolError as error:
+            raise CredentialsError(f"container credentials endpoint answered: {error}") from None
+        except OSError as error:
             raise CredentialsError(f"container credentials endpoint unreachable: {type(error).__name__}") from error
-        finally:
-            if connection is not None:
-                connection.close()
         if status != 200:
             raise CredentialsError(f"container credentials endpoint answered {status}")
         try:
@@ -1429,7 +1557,9 @@ class ServiceClient:
                 connection = None
         except socket.timeout:
             raise UpstreamTimeout(f"{self.aws_service} did not answer in time") from None
-        except (OSError, HttpProtocolError) as error:
+        except HttpProtocolError as error:  # refused by the grammar, or over the cap: closed below
+            raise UpstreamInvalidResponse(f"{self.aws_service} answered: {error}") from None
+        except OSError as error:
             reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or ""
             detail = f"{self.aws_service} unreachable: {type(error).__name__} {reason}".rstrip()
             raise UpstreamUnreachable(detail) from error
@@ -2631,9 +2761,9 @@ class Service:
     def answer(self, method, target, headers):
         """(status, [(header, value)], body) for one request. headers: [(lower-case name,
         value)] as received, repeats kept. Never raises: every failure is answered."""
-        self.check_restore()
         request = None
         try:
+            self.check_restore()
             if method != "GET":
                 raise ClientError(405, "MethodNotAllowed", f"only GET is served, not {method[:16]!r}")
             if any(name in FORWARDING_HEADERS for name, _ in headers):
@@ -2831,8 +2961,9 @@ class Service:
                 self.log.warn(f"prefetch of {shown(named[text])} failed: {outcome}")
 
 # ---------------------------------------------------------------------------
-# HTTP server: the transport. Sockets, request heads, keep-alive and admission; what a
-# request means is Service.answer's business.
+# HTTP server: the transport. Sockets, answers, keep-alive, admission and the stop; a
+# request's head is read by the grammar above, and what it means is Service.answer's
+# business.
 # ---------------------------------------------------------------------------
 #
 # Not http.server: its ThreadingHTTPServer and BaseHTTPRequestHandler would have to be
@@ -2843,104 +2974,64 @@ class Service:
 # that survives a thread that cannot start, and a stop within milliseconds rather than
 # at the next poll. What is left is small enough to read here.
 
-MAX_REQUEST_LINE = 65536
-# The whole header block of one request (every line after the request line, line ends
-# included). This API needs a token and a few standard headers: 32 KiB is plenty, and
-# without a cap http.server-style parsing holds 100 x 64 KiB per request (docs/pitfalls.md).
-MAX_HEADER_BYTES = 32 * 1024
-MAX_HEADER_LINES = 100
-HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
-HTTP_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+_DATE = [(None, "")]  # (the second, its Date): formatted once a second, not per answer
 
 
-def read_request_head(rfile):
-    """(method, target, version, headers) of the next request on rfile (anything with
-    readline(limit)), headers as
-    [(lower-case name, value)]; None when the peer ended the connection. Raises
-    ClientError (400, 414, 431, 505) for a head that cannot be served, as soon as that
-    is known: nothing past MAX_HEADER_BYTES is read."""
-    line = rfile.readline(MAX_REQUEST_LINE + 1)
-    if line in (b"\r\n", b"\n"):  # RFC 9112 section 2.2: ignore an empty line before a request
-        line = rfile.readline(MAX_REQUEST_LINE + 1)
-    if not line:
-        return None
-    if len(line) > MAX_REQUEST_LINE:
-        raise ClientError(414, "RequestLineTooLong", f"the request line is longer than {MAX_REQUEST_LINE} bytes")
-    words = line.rstrip(b"\r\n").split()
-    if len(words) == 2:
-        # HTTP/0.9 ("GET /") sends no headers; refuse at once rather than wait for them.
-        raise ClientError(400, "BadRequest", "HTTP/0.9 is not served")
-    if len(words) != 3 or not HEADER_NAME.fullmatch(words[0]):
-        raise ClientError(400, "BadRequest", "the request line is not 'METHOD target HTTP/1.1'")
-    method, target, version = words
-    match = HTTP_VERSION.fullmatch(version)
-    if match is None:
-        raise ClientError(400, "BadRequest", "the request line does not end with an HTTP version")
-    if match.group(1) != b"1":
-        raise ClientError(505, "HTTPVersionNotSupported", "only HTTP/1.0 and HTTP/1.1 are served")
-    headers = []
-    size = 0
-    while True:
-        line = rfile.readline(MAX_HEADER_BYTES - size + 1)
-        size += len(line)
-        if size > MAX_HEADER_BYTES:
-            raise ClientError(431, "HeadersTooLarge", f"the headers are larger than {MAX_HEADER_BYTES} bytes")
-        if not line:
-            return None  # the peer went away in the middle of the head: nobody to answer
-        if line in (b"\r\n", b"\n"):
-            break
-        if len(headers) >= MAX_HEADER_LINES:
-            raise ClientError(431, "HeadersTooLarge", f"more than {MAX_HEADER_LINES} header lines")
-        name, colon, value = line.partition(b":")
-        if not colon or not HEADER_NAME.fullmatch(name):
-            # White space in a name is refused, so this refuses "X-Forwarded-For : x" (RFC
-            # 9112 section 5.1: proxies and servers read such names differently) and a
-            # folded line, which starts with white space (section 5.2 lets a server refuse).
-            raise ClientError(400, "MalformedHeader", "a header line is not 'Name: value'")
-        headers.append((name.decode("ascii").lower(), value.strip(b" \t\r\n").decode("latin-1")))
-    return method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"), headers
+def http_date():
+    """Now, for the Date header every answer carries (RFC 9110 section 6.6.1), as an
+    IMF-fixdate (section 5.6.7). strftime's %a and %b are English here: this process never
+    sets a locale (LC_TIME)."""
+    second, formatted = _DATE[0]
+    if second != int(time.time()):
+        second = int(time.time())
+        formatted = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
+        _DATE[0] = second, formatted  # one tuple: a thread never sees half of it
+    return formatted
+
+
+def origin_form(target):
+    """The path and query of an absolute-form target (http://host:port/path?query), which a
+    server must accept (RFC 9112 section 3.2.2); any other target as it is."""
+    scheme, colon_slashes, rest = target.partition("://")
+    if not colon_slashes or scheme.lower() not in ("http", "https"):
+        return target
+    path = rest[len(rest.split("/", 1)[0].split("?", 1)[0]):]  # after the authority
+    return path if path.startswith("/") else "/" + path
 
 
 def has_body(headers):
-    """Whether a request says a body follows. A body is never read: after one, the next
-    bytes are not a request head, so the connection closes. Content-Length: 0 is no body
-    (Java's HttpClient sends it on every GET: docs/pitfalls.md)."""
-    lengths = [value for name, value in headers if name == "content-length"]
-    return any(name == "transfer-encoding" for name, _ in headers) or lengths not in ([], ["0"])
+    """Whether a request (read_request's) says a body follows. A body is never read: after
+    one, the next bytes are not a request head, so the connection closes. Content-Length: 0
+    is no body (Java's HttpClient sends it on every GET: docs/pitfalls.md)."""
+    return body_framing(headers) not in ((None, None), ("length", 0))
 
 
 def connection_after(method, version, headers):
-    """(keep the connection open?, the Connection header to send or None) for a request."""
-    tokens = {token.strip().lower() for name, value in headers if name == "connection"
-              for token in value.split(",")}
-    if version == "HTTP/1.0":
-        keep = "keep-alive" in tokens  # HTTP/1.0 keep-alive is opt-in, and answered in kind
-        wanted = "keep-alive" if keep else "close"
-    else:
-        keep = "close" not in tokens
-        wanted = None if keep else "close"
-    if method != "GET" or has_body(headers):
+    """(keep the connection open?, the Connection header to send or None) for a request.
+    HTTP/1.0 keep-alive is opt-in, and answered in kind (ApacheBench -k waits for it)."""
+    tokens = field_tokens(headers, "connection")
+    http10 = version == "HTTP/1.0"
+    if method != "GET" or has_body(headers) or "close" in tokens or (http10 and "keep-alive" not in tokens):
         return False, "close"
-    return keep, wanted
+    return True, "keep-alive" if http10 else None
 
 
-def format_response(status, headers, body, connection=None):
+def format_response(status, headers, body, connection=None, head=False):
     """The bytes of one answer: status line, headers and body, written with one sendall
     (with TCP_NODELAY that is one segment, and no delayed-ACK stall: docs/pitfalls.md).
-    Content-Type is application/json unless headers name another (format=raw)."""
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
+    Content-Type is application/json unless headers name another (format=raw). To a HEAD
+    request (head), no body, and no Content-Length: a GET would be answered another one
+    (RFC 9110 sections 9.3.2 and 8.6)."""
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}", f"Date: {http_date()}"]
     if all(name != CONTENT_TYPE for name, _ in headers):
         lines.append("Content-Type: application/json")
-    lines.append(f"Content-Length: {len(body)}")
+    if not head:
+        lines.append(f"Content-Length: {len(body)}")
     lines.extend(f"{name}: {value}" for name, value in headers)
     if connection:
         lines.append(f"Connection: {connection}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-TOO_MANY_CONNECTIONS = format_response(
-    *error_answer(ClientError(429, "TooManyConnections", "too many connections at once; retry")), "close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
 
 
 def _refuse(sock):
@@ -2951,7 +3042,8 @@ def _refuse(sock):
             sock.recv(65536)  # drain what was sent, so close() does not reset
         except OSError:
             pass
-        sock.sendall(TOO_MANY_CONNECTIONS)
+        sock.sendall(format_response(*error_answer(ClientError(429, "TooManyConnections",
+                                                                "too many connections at once; retry")), "close"))
     except OSError:
         pass
     sock.close()
@@ -2968,16 +3060,10 @@ def _close_after_unread_input(sock):
     try:
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + DRAIN_SECONDS
-        drained = 0
-        while drained < DRAIN_BYTES:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        for _ in range(DRAIN_BYTES // RECEIVE_BYTES):  # DRAIN_BYTES at most
+            sock.settimeout(_remaining(deadline))  # socket.timeout once DRAIN_SECONDS passed
+            if not sock.recv(RECEIVE_BYTES):
                 break
-            sock.settimeout(remaining)
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            drained += len(chunk)
     except OSError:
         pass
 
@@ -2988,20 +3074,9 @@ def _close_after_unread_input(sock):
 ADMISSION_RETRY_SECONDS = 0.01
 
 
-def _readable(sock):
-    """Whether bytes or an end of stream wait on sock. No wait: a zero-timeout select.
-    (Not a peek: a recv on a socket with a timeout may wait for that timeout when the
-    handler thread takes the bytes first, and this runs in the accept thread.)"""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return False  # broken: closing it is no loss
-    return bool(readable)
-
-
-class _ClientReader:
-    """The reading side of one inbound connection (connection: its socket), with the
-    request bytes received but not parsed yet (buffer), and its admission state.
+class _ClientReader(HttpStream):
+    """The reading side of one inbound connection (sock), with the request bytes received
+    but not parsed yet (buffer), and its admission state.
 
     Between requests (deadline None) it waits for the next request with no time limit:
     the socket timeout is only a tick, so that a Lambda freeze, whatever its length,
@@ -3010,16 +3085,15 @@ class _ClientReader:
     and so does a drip, at the first read past the deadline (within twice the read
     timeout at worst; a settimeout per read would be a system call per read).
 
-    Lock rule: admission_lock (Clients's) guards deadline and evicted, so that a
-    connection is never both taken for eviction and found busy: the first byte of a
+    Lock rule: admission_lock (Clients's) guards deadline, idle_since and evicted, so that
+    a connection is never both taken for eviction and found busy: the first byte of a
     request is only peeked at, and the connection marked busy, before it leaves the
-    kernel's buffer."""
+    kernel's buffer. buffer changes only while deadline is set (a request is read)."""
 
     def __init__(self, sock, admission_lock, read_timeout):
-        self.connection = sock
+        super().__init__(sock)
         self.admission_lock = admission_lock
         self.read_timeout = read_timeout
-        self.buffer = b""
         self.deadline = None
         self.idle_since = time.monotonic()
         self.evicted = False
@@ -3027,14 +3101,13 @@ class _ClientReader:
     def next_request(self):
         """Wait for the next request's first byte; False at the end (the caller closed,
         or the connection was evicted)."""
-        if not self.buffer:  # a pipelined request may be here already
-            while True:
-                try:
-                    if not self.connection.recv(1, socket.MSG_PEEK):
-                        return False
-                    break
-                except socket.timeout:
-                    continue  # idle: the timeout is only a tick
+        while not self.buffer:  # a pipelined request may be here already
+            try:
+                if not self.sock.recv(1, socket.MSG_PEEK):
+                    return False
+                break
+            except socket.timeout:
+                pass  # idle: the timeout is only a tick
         with self.admission_lock:
             if self.evicted:
                 return False
@@ -3043,25 +3116,14 @@ class _ClientReader:
 
     def answered(self):
         """Idle again: from the moment the answer is out, admission may take it."""
-        self.idle_since = time.monotonic()
-        self.deadline = None
+        with self.admission_lock:
+            self.idle_since = time.monotonic()
+            self.deadline = None
 
-    def readline(self, limit):
-        """A line of at most limit bytes (ending in a line feed unless the limit or the
-        end of the stream came first), read by the deadline."""
-        while True:
-            end = self.buffer.find(b"\n", 0, limit)
-            if end >= 0 or len(self.buffer) >= limit:
-                cut = end + 1 if end >= 0 else limit
-                line, self.buffer = self.buffer[:cut], self.buffer[cut:]
-                return line
-            if time.monotonic() > self.deadline:
-                raise socket.timeout("the request did not arrive in time")
-            chunk = self.connection.recv(65536)
-            if not chunk:
-                line, self.buffer = self.buffer, b""
-                return line
-            self.buffer += chunk
+    def receive(self, size):
+        if time.monotonic() > self.deadline:
+            raise socket.timeout("the request did not arrive in time")
+        return self.sock.recv(size)
 
 
 class Clients:
@@ -3069,8 +3131,9 @@ class Clients:
 
     A newcomer over the limit takes the place of the connection idle longest (waiting
     between requests with nothing received), which is closed; with none idle it is
-    refused. Lock rule: self._lock guards self._open and each reader's deadline and
-    evicted flag; it is held for set operations and zero-timeout checks only."""
+    refused. Lock rule: self._lock guards self._open and each reader's deadline,
+    idle_since and evicted flag; it is held for set operations and zero-timeout checks
+    only (the stop's wait too: it sleeps between looks, not holding it)."""
 
     def __init__(self, max_clients, read_timeout):
         self.max_clients = max_clients
@@ -3096,18 +3159,17 @@ class Clients:
             select.select([], [], [], ADMISSION_RETRY_SECONDS)  # all busy: look once more
         if victim is not None:
             try:  # wakes its thread, which sees the end of the stream and closes
-                victim.connection.shutdown(socket.SHUT_RDWR)
+                victim.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         return reader
 
     def _idle_longest(self):
-        idle = sorted((reader for reader in self._open if reader.deadline is None and not reader.buffer),
-                      key=lambda r: r.idle_since)
+        idle = sorted((reader for reader in self._open if reader.deadline is None), key=lambda r: r.idle_since)
         for reader in idle:
             # Bytes waiting are a request on its way (or an end its thread will see at
             # once): not idle after all.
-            if not _readable(reader.connection):
+            if not has_leftover(reader):
                 return reader
         return None
 
@@ -3115,58 +3177,46 @@ class Clients:
         with self._lock:
             self._open.discard(reader)
 
+    def wait_answered(self, timeout):
+        """Wait, timeout seconds at most, until no request has begun that is not answered
+        (every connection idle or gone); False when one still has not been."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if all(reader.deadline is None for reader in self._open):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
     def __len__(self):
         with self._lock:
             return len(self._open)
 
 
-class Gauge:
-    """A count of requests being answered, for the stop to wait on. A plain lock, not a
-    Condition: it is taken twice per request, and the stop can afford to poll."""
-
-    def __init__(self):
-        self.value = 0
-        self._lock = threading.Lock()
-
-    def change(self, delta):
-        with self._lock:
-            self.value += delta
-
-    def wait_zero(self, timeout, clock=time.monotonic, sleep=time.sleep):
-        deadline = clock() + timeout
-        while self.value:
-            if clock() >= deadline:
-                return False
-            sleep(0.005)
-        return True
-
-
-def serve_connection(reader, service, in_flight):
-    """Answer the requests of one connection until it ends or must close."""
-    sock = reader.connection
+def serve_connection(reader, service):
+    """Answer the requests of one connection until it ends or must close. A request is
+    busy (reader.deadline set) from its first byte until its answer is written, or, when
+    the connection then closes, until it is closed: Listener.stop waits for it, so that an
+    answer computed is an answer sent."""
+    sock = reader.sock
     while reader.next_request():
         try:
-            head = read_request_head(reader)
-        except ClientError as error:
+            method, target, version, headers = read_request(reader)
+        except HttpProtocolError as error:
             service.log.debug(f"refused a malformed request: {error.status} {error.error_type}")
-            sock.sendall(format_response(*error_answer(error), "close"))
+            sock.sendall(format_response(*error_answer(ClientError(error.status, error.error_type, str(error))),
+                                         "close"))
             _close_after_unread_input(sock)
             return
-        if head is None:
-            return
-        method, target, version, headers = head
         keep, connection = connection_after(method, version, headers)
-        in_flight.change(+1)  # the stop waits for these to be answered
-        try:
-            status, extra, body = service.answer(method, target, headers)
-        finally:
-            in_flight.change(-1)
-        sock.sendall(format_response(status, extra, body, connection))
-        reader.answered()
+        status, extra, body = service.answer(method, origin_form(target), headers)
+        sock.sendall(format_response(status, extra, body, connection, method == "HEAD"))
         if not keep:
             if method != "GET" or has_body(headers):
                 _close_after_unread_input(sock)  # a body was not read
             return
+        reader.answered()
 
 
 class Listener:
@@ -3182,7 +3232,6 @@ class Listener:
         self.start_thread = start_thread
         self.read_timeout = service.config.read_timeout_ms / 1000.0
         self.clients = Clients(service.config.max_clients, self.read_timeout)
-        self.in_flight = Gauge()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._thread = None
 
@@ -3194,18 +3243,14 @@ class Listener:
             self.service.log.info(f"listening on {f'[{host}]' if ':' in host else host}:{port}")
 
     def _accept_loop(self):
-        selector = selectors.DefaultSelector()
-        for sock in self.sockets:
-            selector.register(sock, selectors.EVENT_READ)
-        selector.register(self._wake_reader, selectors.EVENT_READ)
-        try:
-            while True:
-                for key, _ in selector.select():
-                    if key.fileobj is self._wake_reader:
-                        return
-                    self._accept(key.fileobj)
-        finally:
-            selector.close()
+        # select, not selectors: three descriptors, among the first the process opens (far
+        # below select's limit of 1024).
+        while True:
+            readable, _, _ = select.select([self._wake_reader, *self.sockets], [], [])
+            if self._wake_reader in readable:
+                return
+            for sock in readable:
+                self._accept(sock)
 
     def _accept(self, listening):
         try:
@@ -3240,12 +3285,12 @@ class Listener:
 
     def _serve(self, reader):
         try:
-            serve_connection(reader, self.service, self.in_flight)
+            serve_connection(reader, self.service)
         except Exception as error:  # reset by the peer, a timeout, a bug: one line, no data
             self._log_safely("debug", f"connection ended with {type(error).__name__}")
         finally:
             self.clients.remove(reader)
-            reader.connection.close()
+            reader.sock.close()
 
     def _log_safely(self, level, message):
         try:
@@ -3254,7 +3299,7 @@ class Listener:
             pass
 
     def stop(self, grace):
-        """Stop accepting at once, then let requests in flight finish within grace seconds."""
+        """Stop accepting at once, then let requests begun be answered within grace seconds."""
         try:
             self._wake_writer.send(b"x")
         except OSError:
@@ -3263,7 +3308,7 @@ class Listener:
             self._thread.join(1.0)
         for sock in self.sockets:
             sock.close()
-        if not self.in_flight.wait_zero(grace):
+        if not self.clients.wait_answered(grace):
             self.service.log.warn("stopping with requests still in flight")
 
 # ---------------------------------------------------------------------------
@@ -3294,21 +3339,20 @@ class ExtensionsApi:
         self.address = runtime_api
         self.identifier = None
 
+    def _failure(self, call, error):
+        what = f"answered {error}" if isinstance(error, HttpProtocolError) else f"unreachable ({type(error).__name__})"
+        return f"{call}: Extensions API at {self.address} {what}"
+
     def _call(self, method, path, headers, body=None, timeout=None):
         """The answer's body; timeout None waits as long as Lambda takes (/event/next)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        connection = None
         try:
-            connection = HttpConnection("http", self.host, self.port, time.monotonic() + CONNECT_TIMEOUT_SECONDS)
-            status, data, _ = exchange(connection, method, "/2020-01-01/extension" + path,
-                                       [("Host", self.address)] + list(headers.items()),
-                                       None if body is None else body.encode("utf-8"), deadline)
-        except (OSError, HttpProtocolError, UpstreamInvalidResponse) as error:
-            raise ExtensionsApiError(f"{method} {path}: Extensions API at {self.address} unreachable "
-                                     f"({type(error).__name__})") from error
-        finally:
-            if connection is not None:
-                connection.close()
+            status, data, _ = fetch("http", self.host, self.port, method, "/2020-01-01/extension" + path,
+                                    [("Host", self.address)] + list(headers.items()),
+                                    None if body is None else body.encode("utf-8"),
+                                    None if timeout is None else time.monotonic() + timeout,
+                                    connect_deadline=time.monotonic() + CONNECT_TIMEOUT_SECONDS)
+        except (OSError, HttpProtocolError) as error:
+            raise ExtensionsApiError(self._failure(f"{method} {path}", error)) from error
         if status >= 300:
             raise ExtensionsApiError(f"{method} {path}: {status} {_lambda_error_type(data)}")
         return data
@@ -3317,8 +3361,7 @@ class ExtensionsApi:
         """Take the early start's /register answer (made before the imports): Lambda's
         information about the function, or ExtensionsApiError."""
         if early.register_error is not None:
-            raise ExtensionsApiError(f"POST /register: Extensions API at {self.address} unreachable "
-                                     f"({type(early.register_error).__name__})")
+            raise ExtensionsApiError(self._failure("POST /register", early.register_error))
         status, identifier, body = early.registration
         if status >= 300:
             raise ExtensionsApiError(f"POST /register: {status} {_lambda_error_type(body)}")
@@ -3509,7 +3552,8 @@ def answer_wait(config, kind):
 
 
 class LocalClient:
-    """One keep-alive connection to the running extension on 127.0.0.1:port. clock and
+    """The wrapper's client of the running extension on 127.0.0.1:port, a connection of its
+    own for each value (a few a cold start, on loopback: nothing to keep alive). clock and
     sleep pace the wait for an extension still starting (injectable for tests); every
     connection and answer is also bounded on the real monotonic clock."""
 
@@ -3519,7 +3563,6 @@ class LocalClient:
         # select, not time.sleep: under libfaketime (tests/fake_lambda.py) time.sleep fails.
         self.sleep = sleep or (lambda seconds: select.select([], [], [], seconds))
         self.parts = urlsplit(f"http://127.0.0.1:{config.port}")
-        self.connection = None
 
     def _connect(self):
         """Connect, retrying a refused connection until EXTENSION_WAIT_SECONDS have passed."""
@@ -3534,72 +3577,53 @@ class LocalClient:
                                               "(PARAMETERS_SECRETS_EXTENSION_HTTP_PORT); is the layer's "
                                               "extension running?") from None
                 self.sleep(CONNECT_RETRY_SECONDS)
-            except (OSError, HttpProtocolError) as error:
+            except OSError as error:
                 raise UnresolvedReference("ExtensionUnreachable",
                                           f"127.0.0.1:{self.config.port}: {type(error).__name__}") from None
 
     def value(self, reference):
         """The value of a reference, through the extension."""
         headers = [("Host", self.parts.netloc), (TOKEN_HEADER, self.config.request_token)]
-        deadline = time.monotonic() + answer_wait(self.config, reference.kind)
-        for attempt in (1, 2):
-            fresh = self.connection is None or has_leftover(self.connection)
-            if fresh:
-                self.close()
-                self.connection = self._connect()
-            try:
-                status, data, reusable = exchange(self.connection, "GET", reference_target(reference), headers,
-                                                  None, deadline)
-                break
-            except socket.timeout:
-                self.close()
-                raise UnresolvedReference("ExtensionTimeout", "the extension did not answer in time") from None
-            except UpstreamInvalidResponse as error:
-                self.close()
-                raise UnresolvedReference("UpstreamInvalidResponse", str(error)) from None
-            except (OSError, HttpProtocolError) as error:
-                self.close()
-                # A kept connection the extension closed meanwhile: once more on a new one.
-                if fresh or attempt == 2:
-                    raise UnresolvedReference("ExtensionUnreachable", type(error).__name__) from None
-        if not reusable:
-            self.close()
+        connection = self._connect()
+        try:
+            status, data, _ = exchange(connection, "GET", reference_target(reference), headers, None,
+                                       time.monotonic() + answer_wait(self.config, reference.kind))
+        except socket.timeout:
+            raise UnresolvedReference("ExtensionTimeout", "the extension did not answer in time") from None
+        except HttpProtocolError as error:
+            raise UnresolvedReference("UpstreamInvalidResponse", str(error)) from None
+        except OSError as error:
+            raise UnresolvedReference("ExtensionUnreachable", type(error).__name__) from None
+        finally:
+            connection.close()
         if status != 200:
             raise aws_error(status, data)
         return value_from_answer(reference, data)
 
-    def close(self):
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-
 
 def fetch_references(references, config, workers=REFERENCE_WORKERS):
     """{fetch_key: value or UnresolvedReference} for the distinct fetch keys of references,
-    fetched at most `workers` at a time, each worker on its own connection (in threads
-    of run_concurrently's, the file's thread rule)."""
+    fetched at most `workers` at a time (in threads of run_concurrently's, the file's
+    thread rule)."""
     pending = list(dict.fromkeys(reference.fetch_key for reference in references))
     by_key = {reference.fetch_key: reference for reference in references}
     results = {}
 
     def work():
         client = LocalClient(config)
-        try:
-            while pending:
-                try:
-                    key = pending.pop(0)  # list.pop is atomic: no two workers take one key
-                except IndexError:
-                    return
-                try:
-                    results[key] = client.value(by_key[key])
-                except UnresolvedReference as error:
-                    results[key] = error
-                except AwsError as error:
-                    results[key] = UnresolvedReference(error.error_type, error.message)
-                except Exception as error:  # a bug: named, never a value
-                    results[key] = UnresolvedReference("InternalError", type(error).__name__)
-        finally:
-            client.close()
+        while True:
+            try:
+                key = pending.pop(0)  # list.pop is atomic: no two workers take one key
+            except IndexError:
+                return
+            try:
+                results[key] = client.value(by_key[key])
+            except UnresolvedReference as error:
+                results[key] = error
+            except AwsError as error:
+                results[key] = UnresolvedReference(error.error_type, error.message)
+            except Exception as error:  # a bug: named, never a value
+                results[key] = UnresolvedReference("InternalError", type(error).__name__)
 
     run_concurrently([work] * min(workers, len(pending)), time.monotonic, None)
     return results
@@ -3795,13 +3819,11 @@ def run_in_lambda(api, early, config, log, service, listener, fatal):
         return 1
 
 
-USAGE = """usage: python3 extension.py [NAME]
-
-Serves SSM parameters and Secrets Manager secrets on http://localhost:2773 from a cache,
-as the AWS Parameters and Secrets Lambda Extension does. NAME is the extension's name in
-logs and at /register (default: parameters-secrets-extension). Configured by environment
-variables only: see the top of extension.py or docs/configuration.md.
-"""
+# --help: the routes, the variables and the usage of this file's docstring (one text to
+# keep right, not two; there is none under python -OO).
+DOC = __doc__ or ""
+USAGE = ("usage: python3 extension.py [NAME]\n\n" + DOC[DOC.find("Routes"):DOC.find("What it never does")]
+         + DOC[DOC.find("Usage:"):])
 
 
 def main(argv, early=None):

@@ -66,8 +66,8 @@ fake managed to write) and ``complete`` (the whole body was written) once done;
 Calls are counted thread-safely by X-Amz-Target and by the raw name asked for
 (``Name`` / ``SecretId`` as sent, selector included): ``calls(target=None,
 name=None)``. ``requests`` keeps every call (target, name, parsed body, headers, the
-behaviour applied); ``requests_for(name)`` those of one name; ``ok_answer(name)`` is
-the body an ``ok`` call for ``name`` gets.
+behaviour applied, the client's port: one per connection); ``requests_for(name)``
+those of one name; ``ok_answer(name)`` is the body an ``ok`` call for ``name`` gets.
 
 Values: any name is answered with a generated value (``"value-of-<name>"``) unless
 ``set_value`` / ``set_secret`` gave one; setting a new value bumps the version, as
@@ -333,7 +333,7 @@ class FakeAWS:
         do = self._next(name)
         record = {"target": target, "name": name, "body": body,
                   "headers": list(h.headers.items()), "behaviour": do,
-                  "sent": None, "complete": None}
+                  "sent": None, "complete": None, "client_port": h.client_address[1]}
         with self._lock:
             for counted in names or [name]:
                 self._counts[(target, counted)] += 1

@@ -31,10 +31,13 @@ name; see its docstring for the hostile kinds), ``fake_credentials.FakeCredentia
   cached), never a 500. Error answers whose body is deeply nested JSON or garbage give
   AWS's status with ``__type`` ``UnknownError``.
 * Connection reuse, names: a connection to AWS is reused only after one complete,
-  expected answer: after an interim ``103``, an unexpected status or bytes left over,
-  no later answer may hold another name's value. An answer for another name than the
+  expected answer: after an interim ``103`` (read past), an unexpected status or bytes
+  left over, no later answer may hold another name's value. An answer for another name than the
   one asked is 502 ``UpstreamInvalidResponse`` and not cached; names, ARNs and partial
   secret ARNs that do designate the one asked are accepted.
+* Answers the grammar refuses (tests/test_grammar.py): 502 ``UpstreamInvalidResponse``,
+  retried, stale when a value is cached; the connection that carried one is closed,
+  never reused.
 * refreshNow's rate: ``refreshNow=true`` makes at most one AWS call per second per key:
   a refreshNow less than 1 s after the previous refresh-made call gets that call's
   result (``X-Parameters-Secrets-Cache: hit``); the first refreshNow after an ordinary
@@ -602,11 +605,11 @@ def test_early_hints_never_desynchronise_the_connection(one_connection, key):
     fake.script(Do("early_hints"), name=a)
     answers = _sequence(ext, fake, [a, b, c, a])
     _no_foreign_values(answers)
-    # /a itself: the 103 is either read past, or refused as UpstreamInvalidResponse and
-    # retried on a new connection (which answers at once); 200 either way, and the 103
-    # never passed on as the caller's status.
+    # The 103 is read past (RFC 9110 section 15.2): /a is answered by its one call (the
+    # 200 that follows; asked again, it is a cache hit), and the connection, in step,
+    # serves the next requests.
     assert [status for _, status, _ in answers] == [200, 200, 200, 200], answers
-    _answered_by_one_call(fake, [b, c])
+    _answered_by_one_call(fake, [a, b, c])
 
 
 def _smuggled_answer_for(fake, name):
@@ -644,6 +647,49 @@ def test_unexpected_status_never_desynchronises_the_connection(one_connection, k
     assert [status for _, status, _ in answers] == [200, 200, 200], answers
     assert fake.calls(name=a) == 2
     _answered_by_one_call(fake, [b, b + "2"])
+
+
+# Answers the grammar refuses (tests/test_grammar.py has them all), each a complete
+# answer that would parse once as a 200 with the right value by a laxer client.
+REFUSED_ANSWERS = {
+    "content-length-and-chunked": lambda ok: (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n"
+                                              b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                                              % (len(ok), len(ok), ok)),
+    "two-content-lengths": lambda ok: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Length: 1\r\n\r\n%s"
+                                      % (len(ok), ok),
+    "chunk-size-0x": lambda ok: (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x%x\r\n%s\r\n0\r\n\r\n"
+                                 % (len(ok), ok)),
+    "status-2000": lambda ok: b"HTTP/1.1 2000 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok),
+    "gzip-chunked": lambda ok: (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                                % (len(ok), ok)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_ANSWERS))
+def test_an_answer_the_grammar_refuses_is_502_and_its_connection_never_reused(one_connection, key, case):
+    ext, fake = one_connection.ext, one_connection.fake
+    fake.script(*[Do("raw", data=REFUSED_ANSWERS[case])] * 3, name=key)
+    status, _, body = ext.get(ssm_path(key), timeout=30)
+    assert status == 502, body[:300]
+    assert error_of(body)["__type"] == "UpstreamInvalidResponse"
+    assert fake.calls(name=key) == 3  # retried, as any invalid answer is
+    # The next request, on the one connection allowed, is answered on a new one: none
+    # that carried a refused answer was kept (the fake keeps each open).
+    status, _, body = ext.get(ssm_path(key), timeout=30)
+    assert status == 200, body[:300]
+    ports = [record["client_port"] for record in fake.requests_for(key)]
+    assert len(ports) == 4 and len(set(ports)) == 4, ports
+
+
+def test_an_answer_the_grammar_refuses_serves_stale(short_ttl, key):
+    ext, fake = short_ttl.ext, short_ttl.fake
+    fake.set_value(key, "cached-value")
+    assert ext.get(ssm_path(key))[0] == 200
+    fake.set_default(Do("raw", data=REFUSED_ANSWERS["content-length-and-chunked"]), name=key)
+    status, hdrs, body = first_non_hit(ext, ssm_path(key))
+    assert status == 200, body[:300]
+    assert hdrs.get(CACHE_HEADER) == "stale", dict(hdrs)
+    assert value_of("ssm", body) == "cached-value"
 
 
 def _for_another_parameter(other):

@@ -1,5 +1,6 @@
-"""The command line and the start-up lines a person reads: --help, and one clear line for
-a malformed or unreachable AWS_LAMBDA_RUNTIME_API (never a traceback)."""
+"""The command line and the start-up lines a person reads: --help (the routes and the
+variables), and one clear line for a malformed or unreachable AWS_LAMBDA_RUNTIME_API
+(never a traceback)."""
 
 import subprocess
 import sys
@@ -24,6 +25,18 @@ def test_help_prints_usage_and_exits_0(flag):
     assert done.returncode == 0
     assert done.stdout.startswith("usage: python3 extension.py [NAME]\n")
     assert done.stderr == ""
+
+
+def test_help_lists_the_routes_and_every_variable():
+    import extension
+
+    done = run(["--help"])
+    for route in ("/systemsmanager/parameters/get", "/secretsmanager/get", "/systemsmanager/parameters/get-by-path",
+                  "/systemsmanager/parameters/get-multiple", "/secretsmanager/batch-get", "/ping"):
+        assert f"GET {route}" in done.stdout, route
+    for variable, *_ in extension.SETTINGS:
+        assert variable in done.stdout, variable
+    assert "AWS_CONTAINER_AUTHORIZATION_TOKEN" in done.stdout and "--exec-with-values" in done.stdout
 
 
 def test_an_unknown_option_prints_usage_on_stderr_and_exits_2():

@@ -283,6 +283,31 @@ def test_container_credentials_with_token_file(moto, ssm, counting_proxy, creds_
     assert "file-token-1" not in ext.logs() and "file-token-2" not in ext.logs()
 
 
+@pytest.mark.parametrize("variable", ["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_CONTAINER_AUTHORIZATION_TOKEN"])
+def test_a_token_that_would_inject_a_header_is_never_sent(moto, ssm, counting_proxy, creds_endpoint,
+                                                          start_extension, tmp_path, variable):
+    """A token holding CR LF would add a header of its own to the request to the endpoint
+    (once answered 200 when the injected header was what the endpoint wanted). Refused
+    before a byte is sent: 502 CredentialsUnavailable, the variable named in the log, the
+    token never shown."""
+    token = "tok\r\nX-Injected: yes"
+    token_file = tmp_path / "container-token"
+    token_file.write_text(token + "\n")
+    endpoint = creds_endpoint("tok", [container_creds("ASIANEVER")])
+    proxy = counting_proxy(moto)
+    in_file = variable.endswith("_FILE")
+    ext = start_on_container_credentials(start_extension, proxy.url, endpoint, token=None if in_file else token,
+                                         AWS_TOKEN="request-token-for-injection-test",
+                                         PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL="debug",
+                                         **({variable: str(token_file)} if in_file else {}))
+    status, _, body = ext.get("/systemsmanager/parameters/get?name=p0", token="request-token-for-injection-test")
+    assert status == 502, body
+    assert json.loads(body)["__type"] == "CredentialsUnavailable", body
+    assert endpoint.count() == 0 and proxy.count() == 0
+    assert f"{variable}: the token holds a character that is not printable ASCII" in ext.logs()
+    assert "Injected" not in ext.logs() and b"Injected" not in body
+
+
 def test_environment_credentials_win_over_container(moto, ssm, counting_proxy,
                                                     creds_endpoint, start_extension):
     seed_params(ssm, 1)

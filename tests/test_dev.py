@@ -23,6 +23,19 @@ def test_help_prints_usage_and_exits_0(args):
     assert done.stdout.startswith(("Developer entry point", "usage: python3 tools/dev.py demo"))
 
 
+@pytest.mark.parametrize("args", [["fuzz", "--examples"], ["fuzz", "--examples", "many"], ["fuzz", "-x"]])
+def test_fuzz_with_a_wrong_argument_says_how_and_exits_2(args):
+    # Checked before the venv: no package index needed to be told.
+    done = subprocess.run([sys.executable, str(DEV), *args], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stderr) == (2, "usage: python3 tools/dev.py fuzz [--examples N]\n")
+
+
+def test_the_help_names_every_command():
+    done = subprocess.run([sys.executable, str(DEV), "--help"], capture_output=True, text=True, timeout=30)
+    for command in ("demo", "test", "fuzz [--examples N]", "bench"):
+        assert f"python3 tools/dev.py {command}" in done.stdout, command
+
+
 def test_an_unknown_command_exits_2():
     done = subprocess.run([sys.executable, str(DEV), "frobnicate"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2

