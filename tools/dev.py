@@ -3,7 +3,7 @@
     python3 tools/dev.py demo [--once]   # moto + the extension on 127.0.0.1, a value fetched through it
     python3 tools/dev.py test [ARGS]     # the whole test suite (ARGS go to pytest, e.g. -k sigv4 -x)
     python3 tools/dev.py fuzz [--examples N]  # the fuzz tests only, N examples per parser
-                                         # (default 20000; the suite runs 2000)
+                                         # (default 20000; the suite runs 3000)
     python3 tools/dev.py bench [ARGS]    # the benchmark (ARGS go to bench/bench.py, e.g. --json)
     python3 tools/dev.py --help          # this text; `demo --help` explains the demo
 
