@@ -605,9 +605,7 @@ class HttpError(Exception):
 
     def __init__(self, status, error_type, message, detail=None):
         super().__init__(detail or message)
-        self.status = status
-        self.error_type = error_type
-        self.message = message
+        self.status, self.error_type, self.message = status, error_type, message
 
 
 class ClientError(HttpError):
@@ -716,8 +714,7 @@ class UnresolvedReference(Exception):
 
     def __init__(self, error_type, message=""):
         super().__init__(f"{error_type}: {message}" if message else error_type)
-        self.error_type = error_type
-        self.message = message
+        self.error_type, self.message = error_type, message
         self.variable = self.reference = None  # set where they are known
 
 
@@ -1068,9 +1065,7 @@ class Credentials:
     __slots__ = ("access_key_id", "secret_access_key", "session_token", "expiration")
 
     def __init__(self, access_key_id, secret_access_key, session_token=None, expiration=None):
-        self.access_key_id = access_key_id
-        self.secret_access_key = secret_access_key
-        self.session_token = session_token
+        self.access_key_id, self.secret_access_key, self.session_token = access_key_id, secret_access_key, session_token
         self.expiration = expiration  # epoch seconds, or None for credentials that do not expire
 
     def __repr__(self):  # never the secret key or the token
@@ -1213,10 +1208,7 @@ class CredentialProvider:
     for only until the caller's own deadline."""
 
     def __init__(self, config, log, wall=time.time, clock=time.monotonic):
-        self.config = config
-        self.log = log
-        self.wall = wall
-        self.clock = clock
+        self.config, self.log, self.wall, self.clock = config, log, wall, clock
         self.source = None
         self._current = None
         self._lock = threading.Lock()
@@ -1452,11 +1444,7 @@ class ServiceClient:
         self.parts = urlsplit(endpoint)
         self.path = self.parts.path or "/"
         self.url = endpoint if self.parts.path else endpoint + "/"
-        self.region = region
-        self.credentials = credentials
-        self.stats = stats
-        self.log = log
-        self.clock = clock
+        self.region, self.credentials, self.stats, self.log, self.clock = region, credentials, stats, log, clock
         self.sleep = sleep
         self.draw = draw           # uniform(low, high) for the jitter; random's, imported at the first retry
         self._connections = threading.BoundedSemaphore(max_connections)
@@ -1840,11 +1828,7 @@ class TTLCache:
     operations of one method call, never during I/O or a call out."""
 
     def __init__(self, max_items, max_stale=0.0, clock=time.monotonic, wall=time.time, ahead=0.0):
-        self.max_items = max_items
-        self.max_stale = max_stale
-        self.clock = clock
-        self.wall = wall
-        self.ahead = ahead
+        self.max_items, self.max_stale, self.clock, self.wall, self.ahead = max_items, max_stale, clock, wall, ahead
         self._entries = OrderedDict()
         self._lock = threading.Lock()
 
@@ -1962,10 +1946,7 @@ class Store:
     deadline."""
 
     def __init__(self, cache, stats, log, clock=time.monotonic):
-        self.cache = cache
-        self.stats = stats
-        self.log = log
-        self.clock = clock
+        self.cache, self.stats, self.log, self.clock = cache, stats, log, clock
         self._flights = {}                 # key -> _Flight in progress
         self._refreshes = OrderedDict()    # key -> (started, value, error), oldest first
         self._lock = threading.Lock()
@@ -2388,14 +2369,8 @@ class Lookup:
     __slots__ = ("aws_service", "key", "target", "payload", "render", "refresh", "json_key", "raw")
 
     def __init__(self, aws_service, key, target, payload, render, refresh, json_key=None, raw=False):
-        self.aws_service = aws_service
-        self.key = key
-        self.target = target
-        self.payload = payload
-        self.render = render
-        self.refresh = refresh
-        self.json_key = json_key
-        self.raw = raw
+        self.aws_service, self.key, self.target, self.payload, self.render = aws_service, key, target, payload, render
+        self.refresh, self.json_key, self.raw = refresh, json_key, raw
 
     def describe(self):
         return describe_key(self.key)
@@ -2468,9 +2443,7 @@ class Batch:
     __slots__ = ("texts", "keys", "refresh")
 
     def __init__(self, texts, keys, refresh):
-        self.texts = texts
-        self.keys = keys
-        self.refresh = refresh
+        self.texts, self.keys, self.refresh = texts, keys, refresh
 
     def describe(self):
         return f"{self.aws_service} {len(self.texts)} items, first {shown(self.texts[0])!r}"
@@ -2728,12 +2701,9 @@ class Service:
     ) for end in ("", "/")}
 
     def __init__(self, config, log, credentials, stats=None, clock=time.monotonic, wall=time.time, sleep=time.sleep):
-        self.config = config
-        self.log = log
-        self.credentials = credentials
+        self.config, self.log, self.credentials = config, log, credentials
         self.stats = stats or Stats()
-        self.clock = clock
-        self.wall = wall
+        self.clock, self.wall = clock, wall
         self._token = (config.request_token or "").encode("utf-8", "surrogateescape")
         # What a request may not ask and an answer or a log line may not hold (_exposes_token).
         # A token this short (a local AWS_TOKEN such as "x") would be found in anything,
@@ -3092,8 +3062,7 @@ class _ClientReader(HttpStream):
 
     def __init__(self, sock, admission_lock, read_timeout):
         super().__init__(sock)
-        self.admission_lock = admission_lock
-        self.read_timeout = read_timeout
+        self.admission_lock, self.read_timeout = admission_lock, read_timeout
         self.deadline = None
         self.idle_since = time.monotonic()
         self.evicted = False
@@ -3136,8 +3105,7 @@ class Clients:
     only (the stop's wait too: it sleeps between looks, not holding it)."""
 
     def __init__(self, max_clients, read_timeout):
-        self.max_clients = max_clients
-        self.read_timeout = read_timeout
+        self.max_clients, self.read_timeout = max_clients, read_timeout
         self._open = set()
         self._lock = threading.Lock()
 
@@ -3227,9 +3195,7 @@ class Listener:
 
     def __init__(self, service, sockets, start_thread=_thread.start_new_thread):
         """sockets: listening, non-blocking (bind_loopback's)."""
-        self.service = service
-        self.sockets = sockets
-        self.start_thread = start_thread
+        self.service, self.sockets, self.start_thread = service, sockets, start_thread
         self.read_timeout = service.config.read_timeout_ms / 1000.0
         self.clients = Clients(service.config.max_clients, self.read_timeout)
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -3558,8 +3524,7 @@ class LocalClient:
     connection and answer is also bounded on the real monotonic clock."""
 
     def __init__(self, config, clock=time.monotonic, sleep=None):
-        self.config = config
-        self.clock = clock
+        self.config, self.clock = config, clock
         # select, not time.sleep: under libfaketime (tests/fake_lambda.py) time.sleep fails.
         self.sleep = sleep or (lambda seconds: select.select([], [], [], seconds))
         self.parts = urlsplit(f"http://127.0.0.1:{config.port}")
