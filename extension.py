@@ -2322,10 +2322,7 @@ def batch_status(statuses):
     """The cache header of a batch answer from its items' (an item listed as an error
     counts as miss, or bypass): stale if any was, else miss if AWS was called for any,
     else bypass or hit."""
-    for status in ("stale", "miss", "bypass"):
-        if status in statuses:
-            return status
-    return "hit"
+    return next((status for status in ("stale", "miss", "bypass") if status in statuses), "hit")
 
 
 def run_concurrently(functions, clock, deadline):
@@ -2673,9 +2670,11 @@ def secret_ids_lookup(pairs):
                        _boolean(values, "refreshNow"))
 
 
-# PARAMETERS_SECRETS_EXTENSION_PREFETCH's entries: kind -> (what reads it, its first query key).
-PREFETCH_KINDS = {"ssm": (parameter_lookup, "name"), "secret": (secret_lookup, "secretId"),
-                  "ssm-path": (path_lookup, "path")}
+# The kinds of a PARAMETERS_SECRETS_EXTENSION_PREFETCH entry and of a wrapper's reference
+# (kind:name?query): kind -> (what reads it, its route, and the query key the name is).
+ENTRY_KINDS = {"ssm": (parameter_lookup, "/systemsmanager/parameters/get", "name"),
+               "secret": (secret_lookup, "/secretsmanager/get", "secretId"),
+               "ssm-path": (path_lookup, "/systemsmanager/parameters/get-by-path", "path")}
 PING_BODY = b'{"status": "ok"}'
 # Headers that say a proxy forwarded the request. Callers in Lambda are on this host and
 # never proxied; a proxied request may be forged server-side (SSRF), so it is refused, as
@@ -2886,11 +2885,11 @@ class Service:
             kind, _, rest = entry.partition(":")
             ident, _, query = rest.partition("?")
             try:
-                if kind not in PREFETCH_KINDS or not ident:
+                if kind not in ENTRY_KINDS or not ident:
                     raise ClientError(400, "InvalidPrefetch", "expected ssm:<name>, secret:<id> or ssm-path:<path>, "
                                                               "each [?query]")
-                route, first = PREFETCH_KINDS[kind]
-                lookup = route([(first, ident)] + parse_query(query))
+                read, _, first = ENTRY_KINDS[kind]
+                lookup = read([(first, ident)] + parse_query(query))
             except ClientError as error:
                 self.log.warn(f"prefetch of {shown(entry)} failed: {error}")
                 continue
@@ -3423,11 +3422,8 @@ def parse_reference(kind, body, text):
         pairs = parse_query(query) if question else []
         values = single_values(pairs, REFERENCE_KEYS[kind])
         sent = [(key, value) for key, value in pairs if key != "jsonKey"]
-        # The HTTP API's own checks (name length, version digits, label length...).
-        if kind == "ssm":
-            parameter_lookup([("name", ident)] + sent)
-        else:
-            secret_lookup([("secretId", ident)] + sent)
+        read, _, first = ENTRY_KINDS[kind]
+        read([(first, ident)] + sent)  # the HTTP API's own checks (name length, version digits...)
     except ClientError as error:
         raise UnresolvedReference(error.error_type, error.message) from None
     json_key = values.get("jsonKey")
@@ -3478,8 +3474,7 @@ def substitute(value, found, values):
 
 def reference_target(reference):
     """The HTTP API request for a reference; the extension applies jsonKey itself."""
-    first = "name" if reference.kind == "ssm" else "secretId"
-    route = "/systemsmanager/parameters/get" if reference.kind == "ssm" else "/secretsmanager/get"
+    _, route, first = ENTRY_KINDS[reference.kind]
     pairs = ((first, reference.ident),) + reference.query
     if reference.json_key is not None:
         pairs += (("jsonKey", reference.json_key),)
