@@ -593,6 +593,7 @@ import re
 import threading
 from collections import OrderedDict, namedtuple
 from datetime import datetime, timezone
+from functools import partialmethod  # functools is loaded already (by re)
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 # ---------------------------------------------------------------------------
@@ -1025,17 +1026,8 @@ class Logger:
             except (OSError, ValueError):
                 pass  # a closed stderr must never take the server down
 
-    def debug(self, message):
-        self.log("debug", message)
-
-    def info(self, message):
-        self.log("info", message)
-
-    def warn(self, message):
-        self.log("warn", message)
-
-    def error(self, message):
-        self.log("error", message)
+    debug, info = partialmethod(log, "debug"), partialmethod(log, "info")
+    warn, error = partialmethod(log, "warn"), partialmethod(log, "error")
 
 
 # C0 and C1 control characters and DEL: a raw ESC or CSI from a request would reach the
@@ -1997,9 +1989,10 @@ class Store:
             results = {key: (value, "hit") for key, value in found.items()}
         led, followed = [], []
         for key in keys if ttl and refresh else ():
-            recent = self._recent_refresh(key)  # refreshNow within REFRESH_INTERVAL: its result
-            if recent is not None:
-                value, error = recent
+            with self._lock:
+                recent = self._refreshes.get(key)
+            if recent is not None and self.clock() - recent[0] < REFRESH_INTERVAL:  # refreshNow's rate: its result
+                _, value, error = recent
                 if error is None:
                     self.stats.add("hits")
                 results[key] = (value, "hit") if error is None else self._stale_or_error(key, ttl, error)
@@ -2112,7 +2105,8 @@ class Store:
                 if ttl and (refresh or ahead is not None):
                     self._remember_refresh(key, started, value, None)
                 elif ttl:
-                    self._forget_refresh(key)
+                    with self._lock:
+                        self._refreshes.pop(key, None)  # an ordinary fetch: refreshNow's next one calls AWS
                 if ttl and not dropped:
                     self.cache.put(key, value, ttl)
                 outcome = (value, "miss" if ttl else "bypass")
@@ -2139,13 +2133,6 @@ class Store:
         self.log.warn(f"serving a stale value for {describe_key(key)}: AWS failed ({error})")
         return stale, "stale"
 
-    def _recent_refresh(self, key):
-        with self._lock:
-            recent = self._refreshes.get(key)
-            if recent is not None and self.clock() - recent[0] < REFRESH_INTERVAL:
-                return recent[1], recent[2]
-            return None
-
     def _remember_refresh(self, key, started, value, error):
         with self._lock:
             self._refreshes[key] = (started, value, error)
@@ -2153,10 +2140,6 @@ class Store:
             # Only the last second matters: drop older records from the old end.
             now = self.clock()
             drop_oldest(self._refreshes, lambda record: now - record[0] >= REFRESH_INTERVAL)
-
-    def _forget_refresh(self, key):
-        with self._lock:
-            self._refreshes.pop(key, None)
 
     def clear(self):
         """Drop every cached value (after a snapshot restore)."""
@@ -2449,14 +2432,10 @@ class Batch:
         """{key: body or error} for keys (those of this batch that this request leads)."""
         asked = set(keys)
         chunks = self.chunks([(text, key) for text, key in zip(self.texts, self.keys) if key in asked])
-
-        def calling(chunk):
-            return lambda: client.call(self.target, self.payload(chunk), deadline,
-                                       lambda answer: self.split(answer, chunk))
-
+        calls = [lambda chunk=chunk: client.call(self.target, self.payload(chunk), deadline,
+                                                 lambda answer: self.split(answer, chunk)) for chunk in chunks]
         results = {}
-        for chunk, outcome in zip(chunks, run_concurrently([calling(chunk) for chunk in chunks], client.clock,
-                                                           deadline)):
+        for chunk, outcome in zip(chunks, run_concurrently(calls, client.clock, deadline)):
             if isinstance(outcome, Exception) and not isinstance(outcome, UpstreamError):
                 raise outcome
             for text, key in chunk:
@@ -2806,12 +2785,8 @@ class Service:
     def get(self, lookup):
         """(value, cache status) for a parsed request, within its service's budget."""
         client = self.clients[lookup.aws_service]
-        deadline = self._deadline(lookup.aws_service)
-
-        def call(deadline):
-            return lookup.fetch(client, deadline)
-
-        return self.store.get(lookup.key, call, self.ttl[lookup.aws_service], lookup.refresh, deadline)
+        return self.store.get(lookup.key, lambda deadline: lookup.fetch(client, deadline), self.ttl[lookup.aws_service],
+                              lookup.refresh, self._deadline(lookup.aws_service))
 
     def get_many(self, batch, begun=None):
         """{key: (value, cache status) or error} for a batch's keys, within its service's
@@ -3155,10 +3130,6 @@ class Clients:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.005)
-
-    def __len__(self):
-        with self._lock:
-            return len(self._open)
 
 
 def serve_connection(reader, service):
