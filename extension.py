@@ -483,9 +483,7 @@ def listening_port(environ):
     both agree), without its imports."""
     text = (environ.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT") or "").strip()
     digits = text[1:] if text[:1] in ("+", "-") else text
-    if digits.isdecimal() and 1 <= int(text) <= 65535:
-        return int(text)
-    return DEFAULT_PORT
+    return int(text) if digits.isdecimal() and 1 <= int(text) <= 65535 else DEFAULT_PORT
 
 
 def limit_hops(sock):
@@ -2118,12 +2116,6 @@ class Store:
                 flight.error = outcome
             results[key] = outcome
 
-    def fill(self, key, value, ttl):
-        """Cache value under key, fetched by a call made for another key (a tree's
-        parameters, fetched for its path); nothing with ttl 0."""
-        if ttl:
-            self.cache.put(key, value, ttl)
-
     def _stale_or_error(self, key, ttl, error):
         """(stale value, "stale") when one may answer for a transient error, else the error."""
         stale = self.cache.get_stale(key) if ttl and getattr(error, "transient", False) else None
@@ -2346,8 +2338,6 @@ class Lookup:
     its answer is checked and shaped (render: answer -> bytes to serve), and the
     projection asked (json_key: jsonKey or None; raw: format=raw)."""
 
-    __slots__ = ("aws_service", "key", "target", "payload", "render", "refresh", "json_key", "raw")
-
     def __init__(self, aws_service, key, target, payload, render, refresh, json_key=None, raw=False):
         self.aws_service, self.key, self.target, self.payload, self.render = aws_service, key, target, payload, render
         self.refresh, self.json_key, self.raw = refresh, json_key, raw
@@ -2368,8 +2358,6 @@ class Lookup:
 class PathLookup(Lookup):
     """get-by-path: one cache entry for a whole (path, recursive, withDecryption), filled
     by GetParametersByPath page after page (NextToken) within one budget."""
-
-    __slots__ = ()
 
     def fetch(self, client, deadline):
         path, recursive = self.key[1], self.key[2]
@@ -2420,8 +2408,6 @@ class Batch:
     batch-get and prefetch groups are batches. A subclass says how items share calls
     (chunks, payload, split) and how an item is shown in the batch answer (entry, listed)."""
 
-    __slots__ = ("texts", "keys", "refresh")
-
     def __init__(self, texts, keys, refresh):
         self.texts, self.keys, self.refresh = texts, keys, refresh
 
@@ -2466,7 +2452,6 @@ class ParameterBatch(Batch):
 
     aws_service, target, action = "ssm", "AmazonSSM.GetParameters", "ssm:GetParameters"
     head, middle = b'{"Parameters": [', b'], "InvalidParameters": '
-    __slots__ = ()
 
     def __init__(self, texts, decrypt, refresh):
         super().__init__(texts, [("ssm",) + split_selector(text) + (decrypt,) for text in texts], refresh)
@@ -2507,7 +2492,6 @@ class SecretBatch(Batch):
     aws_service, target = "secretsmanager", "secretsmanager.BatchGetSecretValue"
     action = "secretsmanager:BatchGetSecretValue"
     head, middle = b'{"SecretValues": [', b'], "Errors": '
-    __slots__ = ()
 
     def __init__(self, ids, refresh):
         super().__init__(ids, [("secretsmanager", secret_id, None, None) for secret_id in ids], refresh)
@@ -2890,9 +2874,9 @@ class Service:
             body, _ = self.get(lookup)
             if lookup.key[0] == "ssm-path":  # each parameter of the tree, as /get would hold it
                 ttl = self.ttl["ssm"]
-                for parameter in json.loads(body)["Parameters"]:
-                    self.store.fill(("ssm", parameter["Name"], None, lookup.key[3]),
-                                    PARAMETER_HEAD + json.dumps(parameter).encode("utf-8") + RESULT_TAIL, ttl)
+                for parameter in json.loads(body)["Parameters"] if ttl else ():
+                    self.store.cache.put(("ssm", parameter["Name"], None, lookup.key[3]),
+                                         PARAMETER_HEAD + json.dumps(parameter).encode("utf-8") + RESULT_TAIL, ttl)
             self.log.debug(f"prefetched {lookup.describe()}")
         except (ClientError, UpstreamError) as error:
             self.log.warn(f"prefetch of {shown(entry)} failed: {error}")
@@ -3433,14 +3417,9 @@ def find_references(value):
 
 def substitute(value, found, values):
     """value with each reference found (find_references) replaced by values[reference]."""
-    parts = []
-    position = 0
-    for start, end, reference in found:
-        parts.append(value[position:start])
-        parts.append(values[reference])
-        position = end
-    parts.append(value[position:])
-    return "".join(parts)
+    for start, end, reference in reversed(found):  # from the end: the earlier places stay where they are
+        value = value[:start] + values[reference] + value[end:]
+    return value
 
 
 def reference_target(reference):
@@ -3586,10 +3565,9 @@ def resolve_environment(environ, fetch):
         values = {}
         for _, _, reference in references:
             try:
-                result = fetched[reference.fetch_key]
-                if isinstance(result, UnresolvedReference):
-                    raise result
-                value = result
+                value = fetched[reference.fetch_key]
+                if isinstance(value, UnresolvedReference):
+                    raise value
                 if "\x00" in value:
                     raise UnresolvedReference("ValueNotText", "the value holds a NUL character, "
                                                               "which an environment variable cannot hold")
@@ -3724,13 +3702,11 @@ def run_in_lambda(api, early, config, log, service, listener, fatal):
                 service.check_restore()
             if str(event.get("eventType", "")).upper() == "SHUTDOWN":
                 break
-        reason = event.get("shutdownReason", "unknown")
+        # A second at most, and a margin before Lambda's SIGKILL for the summary and the exit.
         deadline_ms = event.get("deadlineMs")
-        grace = 1.0
-        if isinstance(deadline_ms, (int, float)):
-            # Leave a margin before Lambda's SIGKILL for the summary and the exit.
-            grace = max(0.0, min(grace, deadline_ms / 1000.0 - time.time() - 0.3))
-        log.info(f"shutdown ({reason}): stopping")
+        grace = max(0.0, min(1.0, deadline_ms / 1000.0 - time.time() - 0.3)) if isinstance(
+            deadline_ms, (int, float)) else 1.0
+        log.info(f"shutdown ({event.get('shutdownReason', 'unknown')}): stopping")
         finish(service, listener, early.name, config, log, grace)
         return 0
     except Stop as stop:
@@ -3767,9 +3743,8 @@ def main(argv, early=None):
         (sys.stdout if known else sys.stderr).write(USAGE)
         return 0 if known else 2
     early = early or EarlyStart(argv, os.environ)
-    name = early.name
     config, messages = load_config(os.environ)
-    log = Logger(name, config.log_level, config.log_format)
+    log = Logger(early.name, config.log_level, config.log_format)
     for level, message in messages:
         log.log(level, message)
     log.debug(f"configuration: {config}")
@@ -3786,8 +3761,7 @@ def main(argv, early=None):
     except ValueError as error:  # Lambda cannot be told: it is how Lambda is reached
         log.error(str(error))
         return 2
-    service = listener = None
-    fatal = None
+    service = listener = fatal = None
     try:
         service, listener = start_up(config, log, early)
         if config.prefetch:  # its thread starts while signals are still blocked, like every thread
@@ -3809,7 +3783,7 @@ def main(argv, early=None):
     except Stop as stop:
         log.info(f"{stop}: stopping")
     if listener is not None:
-        finish(service, listener, name, config, log, 5.0)
+        finish(service, listener, early.name, config, log, 5.0)
     return 0
 
 
