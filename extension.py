@@ -71,6 +71,19 @@ What it never does
     not belong to; wait without a deadline or read without a cap, but for Lambda's own
     /event/next, which blocks until Lambda has an event by design.
 
+Reading guide (docs/audit.md: the same path with every definition named, and the test
+that proves each rule of "What it never does")
+    The trust boundary, in reading order: the early start (sockets on loopback, with IP
+    TTL 1; /register); a request head (HTTP/1.1, one grammar for everything read: caps on
+    lines and header bytes, a deadline once a request has begun); its query (Queries);
+    the policy (Service.answer: method, forwarding headers, path, the token in constant
+    time, a query holding the token; error_answer); the outbound exchange (one deadline
+    and a 1 MiB cap per exchange, headers checked before they are sent, TLS verified) and
+    what AWS answers (AWS answers: its shape, and the name asked); SigV4; credentials; log
+    redaction (Logging: names and error types only, control characters escaped;
+    Service._log_failure). The rest reads only what these have checked. Locks and the
+    rule each keeps: docs/design.md, "Locks".
+
 Layout (each section needs only the ones above it)
     HTTP/1.1        one grammar for every message read (requests, AWS's, the credentials
                     endpoint's and Lambda's answers), and the outbound client: one request
@@ -84,9 +97,12 @@ Layout (each section needs only the ones above it)
     Credentials     environment, container endpoint, shared files
     AWS client      JSON 1.1 calls, connection pool, retries inside the budget
     AWS answers     shape checks, and the official extension's answer shapes
-    Cache           TTL + LRU on two clocks, one AWS call per miss, stale answers
-    Requests        query parsing, the requests (one value, a path, a batch), and Service:
-                    what a request means and its answer
+    Cache           TTL + LRU on two clocks, one AWS call per miss, refreshes ahead,
+                    stale answers
+    Queries         the query string read strictly, and what each route's keys take
+    Lookups and batches  what a request reads (one value, a path, a batch) and the AWS
+                    calls that read it; prefetch's and the wrapper's kinds of entry
+    Service         what a request means and its answer; prefetch; a snapshot's drop
     HTTP server     the transport: sockets, answers, keep-alive, admission, the stop
     Lambda lifecycle  the Extensions API
     Values in environment variables  the layer's wrapper: {{ssm:...}} / {{secret:...}}
@@ -2140,8 +2156,7 @@ class Store:
             self._refreshes.clear()
 
 # ---------------------------------------------------------------------------
-# Requests: query parsing, what each route looks up, and Service, where a request's
-# meaning and its answer are decided
+# Queries: the query string read strictly, and the keys and values each route takes
 # ---------------------------------------------------------------------------
 
 MAX_NAME_LENGTH = 2048  # SSM parameter names and Secrets Manager ids: 2048 at most
@@ -2231,6 +2246,44 @@ def _identifier(values, key, what):
         raise ClientError(400, "InvalidQueryValue", f"{key} is longer than {MAX_NAME_LENGTH} characters")
     return value
 
+
+PARAMETER_KEYS = ("name", "version", "label", "withDecryption", "refreshNow", "jsonKey", "format")
+SECRET_KEYS = ("secretId", "versionId", "versionStage", "refreshNow", "jsonKey", "format")
+PATH_KEYS = ("path", "recursive", "withDecryption", "refreshNow")
+NAMES_KEYS = ("names", "withDecryption", "refreshNow")
+SECRET_IDS_KEYS = ("secretIds", "refreshNow")
+
+
+def _projection(values):
+    """(jsonKey or None, whether format=raw) of a /get query."""
+    json_key = values.get("jsonKey")
+    if json_key is not None and not 1 <= len(json_key) <= MAX_NAME_LENGTH:
+        raise ClientError(400, "InvalidQueryValue", f"jsonKey must be 1 to {MAX_NAME_LENGTH} characters")
+    form = values.get("format")
+    if form is not None and form.lower() not in ("json", "raw"):
+        raise ClientError(400, "InvalidQueryValue", "format must be raw or json (any case)")
+    return json_key, form is not None and form.lower() == "raw"
+
+
+def _list(values, key, what, limit):
+    """The distinct comma-separated items of a required list key, in the order given."""
+    text = values.get(key)
+    if text is None:
+        raise ClientError(400, "MissingQueryKey", f"the query key {key!r} ({what}, comma-separated) is required")
+    items = text.split(",")
+    if len(items) > limit:
+        raise ClientError(400, "InvalidQueryValue", f"{key} holds {len(items)} items; at most {limit} are taken")
+    for item in items:
+        if not item:
+            raise ClientError(400, "InvalidQueryValue", f"{key} holds an empty item")
+        if len(item) > MAX_NAME_LENGTH:
+            raise ClientError(400, "InvalidQueryValue", f"{key} holds an item longer than {MAX_NAME_LENGTH} characters")
+    return list(dict.fromkeys(items))
+
+
+# ---------------------------------------------------------------------------
+# Lookups and batches: what a request reads, and the AWS calls that read it
+# ---------------------------------------------------------------------------
 
 TOKEN_HEADER = "X-Aws-Parameters-Secrets-Token"
 CACHE_HEADER = "X-Parameters-Secrets-Cache"
@@ -2514,38 +2567,13 @@ class SecretBatch(Batch):
         return None
 
 
-PARAMETER_KEYS = ("name", "version", "label", "withDecryption", "refreshNow", "jsonKey", "format")
-SECRET_KEYS = ("secretId", "versionId", "versionStage", "refreshNow", "jsonKey", "format")
-PATH_KEYS = ("path", "recursive", "withDecryption", "refreshNow")
-NAMES_KEYS = ("names", "withDecryption", "refreshNow")
-SECRET_IDS_KEYS = ("secretIds", "refreshNow")
+def parameter_read(name, selector, decrypt, refresh=False, json_key=None, raw=False):
+    """The Lookup of one parameter (selector: ':3', ':label' or None), keyed as /get keys it."""
+    def render(answer):
+        return render_parameter(answer, name, selector)
 
-
-def _projection(values):
-    """(jsonKey or None, whether format=raw) of a /get query."""
-    json_key = values.get("jsonKey")
-    if json_key is not None and not 1 <= len(json_key) <= MAX_NAME_LENGTH:
-        raise ClientError(400, "InvalidQueryValue", f"jsonKey must be 1 to {MAX_NAME_LENGTH} characters")
-    form = values.get("format")
-    if form is not None and form.lower() not in ("json", "raw"):
-        raise ClientError(400, "InvalidQueryValue", "format must be raw or json (any case)")
-    return json_key, form is not None and form.lower() == "raw"
-
-
-def _list(values, key, what, limit):
-    """The distinct comma-separated items of a required list key, in the order given."""
-    text = values.get(key)
-    if text is None:
-        raise ClientError(400, "MissingQueryKey", f"the query key {key!r} ({what}, comma-separated) is required")
-    items = text.split(",")
-    if len(items) > limit:
-        raise ClientError(400, "InvalidQueryValue", f"{key} holds {len(items)} items; at most {limit} are taken")
-    for item in items:
-        if not item:
-            raise ClientError(400, "InvalidQueryValue", f"{key} holds an empty item")
-        if len(item) > MAX_NAME_LENGTH:
-            raise ClientError(400, "InvalidQueryValue", f"{key} holds an item longer than {MAX_NAME_LENGTH} characters")
-    return list(dict.fromkeys(items))
+    return Lookup("ssm", ("ssm", name, selector, decrypt), "AmazonSSM.GetParameter",
+                  {"Name": name + (selector or ""), "WithDecryption": decrypt}, render, refresh, json_key, raw)
 
 
 def parameter_lookup(pairs):
@@ -2571,13 +2599,17 @@ def parameter_lookup(pairs):
     return parameter_read(name, selector, decrypt, refresh, json_key, raw)
 
 
-def parameter_read(name, selector, decrypt, refresh=False, json_key=None, raw=False):
-    """The Lookup of one parameter (selector: ':3', ':label' or None), keyed as /get keys it."""
+def secret_read(secret_id, version_id=None, stage=None, refresh=False, json_key=None, raw=False):
+    """The Lookup of one secret (a version id or stage, or neither: AWSCURRENT), keyed as /get keys it."""
     def render(answer):
-        return render_parameter(answer, name, selector)
+        return render_secret(answer, secret_id)
 
-    return Lookup("ssm", ("ssm", name, selector, decrypt), "AmazonSSM.GetParameter",
-                  {"Name": name + (selector or ""), "WithDecryption": decrypt}, render, refresh, json_key, raw)
+    payload = {"SecretId": secret_id}
+    for field_name, value in (("VersionId", version_id), ("VersionStage", stage)):
+        if value is not None:
+            payload[field_name] = value
+    return Lookup("secretsmanager", ("secretsmanager", secret_id, version_id, stage),
+                  "secretsmanager.GetSecretValue", payload, render, refresh, json_key, raw)
 
 
 def secret_lookup(pairs):
@@ -2590,19 +2622,6 @@ def secret_lookup(pairs):
         if value is not None and not 1 <= len(value) <= limit:
             raise ClientError(400, "InvalidQueryValue", f"{key} must be 1 to {limit} characters")
     return secret_read(secret_id, values.get("versionId"), values.get("versionStage"), refresh, json_key, raw)
-
-
-def secret_read(secret_id, version_id=None, stage=None, refresh=False, json_key=None, raw=False):
-    """The Lookup of one secret (a version id or stage, or neither: AWSCURRENT), keyed as /get keys it."""
-    def render(answer):
-        return render_secret(answer, secret_id)
-
-    payload = {"SecretId": secret_id}
-    for field_name, value in (("VersionId", version_id), ("VersionStage", stage)):
-        if value is not None:
-            payload[field_name] = value
-    return Lookup("secretsmanager", ("secretsmanager", secret_id, version_id, stage),
-                  "secretsmanager.GetSecretValue", payload, render, refresh, json_key, raw)
 
 
 # The Lookup of a /get cache key: its service's read, from the rest of the key.
@@ -2638,6 +2657,10 @@ def secret_ids_lookup(pairs):
 ENTRY_KINDS = {"ssm": (parameter_lookup, "/systemsmanager/parameters/get", "name"),
                "secret": (secret_lookup, "/secretsmanager/get", "secretId"),
                "ssm-path": (path_lookup, "/systemsmanager/parameters/get-by-path", "path")}
+# ---------------------------------------------------------------------------
+# Service: what a request means, and its answer
+# ---------------------------------------------------------------------------
+
 PING_BODY = b'{"status": "ok"}'
 # Headers that say a proxy forwarded the request. Callers in Lambda are on this host and
 # never proxied; a proxied request may be forged server-side (SSRF), so it is refused, as
