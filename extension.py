@@ -1946,7 +1946,8 @@ class Store:
     A call (call(keys, deadline) -> {key: value or UpstreamError}) is made for the keys a
     request leads, with the request's deadline; a refresh ahead is made in a thread of its
     own, with that deadline or, without one, ATTEMPT_TIMEOUT_WITHOUT_BUDGET: so a refresh
-    that a Lambda freeze cuts (epoch: the events seen) ends at thaw, and is dropped.
+    that a Lambda freeze cuts ends at thaw, past its deadline, and is dropped. (Not by the
+    events seen: at thaw, a request and Lambda's next event come at once, in any order.)
     Lock rule: self._lock guards self._flights and self._refreshes only; the AWS call is
     made with no lock held, and a request waits for another's call only until its own
     deadline."""
@@ -1956,7 +1957,6 @@ class Store:
         self._flights = {}                 # key -> _Flight in progress
         self._refreshes = OrderedDict()    # key -> (started, value, error), oldest first
         self._lock = threading.Lock()
-        self.epoch = 0                     # Lambda events seen: one between a refresh's start and end cut it
         self.stopped = False               # after SHUTDOWN nothing is refreshed
 
     def get(self, key, call, ttl, refresh=False, deadline=None):
@@ -2020,10 +2020,10 @@ class Store:
                         followed.append((key, flight))
         return results, led, followed
 
-    def settle(self, begun, call, ttl, refresh=False, deadline=None, ahead=None):
+    def settle(self, begun, call, ttl, refresh=False, deadline=None, ahead=False):
         """get_many's second half: the AWS call for the keys led, and the wait (until the
-        deadline) for those another request is fetching. ahead: the epoch in which the
-        refresh ahead of the keys led began (None: they missed, or refreshNow)."""
+        deadline) for those another request is fetching. ahead: the keys led are refreshed
+        ahead (not a miss, nor refreshNow)."""
         results, led, followed = begun
         if led:
             try:
@@ -2066,7 +2066,7 @@ class Store:
         if led:
             if deadline is None:
                 deadline = now + ATTEMPT_TIMEOUT_WITHOUT_BUDGET
-            args = (({}, led, []), call, ttl, False, deadline, self.epoch)
+            args = (({}, led, []), call, ttl, False, deadline, True)
             try:  # _thread: see Listener._accept
                 _thread.start_new_thread(self._settle_quietly, args)
             except (RuntimeError, MemoryError):
@@ -2081,12 +2081,12 @@ class Store:
     def _miss_many(self, led, call, ttl, refresh, deadline, results, ahead):
         missing = []
         for key, flight in led:
-            value = self.cache.get(key) if ttl and not refresh and ahead is None else None  # filled while we queued
+            value = self.cache.get(key) if ttl and not (refresh or ahead) else None  # filled while we queued
             if value is not None:
                 self.stats.add("hits")
                 flight.value, flight.cache_status = results[key] = (value, "hit")
             else:
-                self.stats.add("misses" if ahead is None else "refreshed_ahead")
+                self.stats.add("refreshed_ahead" if ahead else "misses")
                 missing.append((key, flight))
         if not missing:
             return
@@ -2098,25 +2098,25 @@ class Store:
             failure = error
         else:
             failure = UpstreamInvalidResponse("a batch answer that leaves a key out")
-        # A refresh ahead that a freeze cut (an event came meanwhile, or it ends past its
-        # deadline), or that ends after SHUTDOWN, is dropped: the entry stays as it was, and
-        # nobody is told but at debug.
-        dropped = ahead is not None and (ahead != self.epoch or self.stopped or self.clock() > deadline)
+        # A refresh ahead that ends past its deadline (a Lambda freeze cut it, or AWS was
+        # that slow), or after SHUTDOWN, is dropped: the entry stays as it was, and nobody
+        # is told but at debug.
+        dropped = ahead and (self.stopped or self.clock() > deadline)
         for key, flight in missing:
             value = values.get(key, failure)
             if isinstance(value, UpstreamError):
                 self.stats.add("errors")
-                if ahead is None and not value.transient:
+                if not (ahead or value.transient):
                     self.cache.discard(key)
-                elif ahead is not None and not dropped:
+                elif ahead and not dropped:
                     self.log.warn(f"refreshing {describe_key(key)} ahead of its expiry failed ({value}); "
                                   "the cached value stays until it expires")
-                if ttl and (refresh or ahead is not None):
+                if ttl and (refresh or ahead):
                     self._remember_refresh(key, started, None, value)
                 # A refresh ahead has no caller: those who joined it try the stale value themselves.
-                outcome = self._stale_or_error(key, ttl, value) if ahead is None else value
+                outcome = value if ahead else self._stale_or_error(key, ttl, value)
             else:
-                if ttl and (refresh or ahead is not None):
+                if ttl and (refresh or ahead):
                     self._remember_refresh(key, started, value, None)
                 elif ttl:
                     with self._lock:
@@ -2125,7 +2125,7 @@ class Store:
                     self.cache.put(key, value, ttl)
                 outcome = (value, "miss" if ttl else "bypass")
             if dropped:
-                self.log.debug(f"a refresh ahead of {describe_key(key)} was cut by a freeze or a stop: dropped")
+                self.log.debug(f"a refresh ahead of {describe_key(key)} ended past its deadline or the stop: dropped")
             if isinstance(outcome, tuple):
                 flight.value, flight.cache_status = outcome
             else:
@@ -2658,6 +2658,113 @@ ENTRY_KINDS = {"ssm": (parameter_lookup, "/systemsmanager/parameters/get", "name
                "secret": (secret_lookup, "/secretsmanager/get", "secretId"),
                "ssm-path": (path_lookup, "/systemsmanager/parameters/get-by-path", "path")}
 # ---------------------------------------------------------------------------
+# Lambda lifecycle: the Extensions API, and snapshot restores
+# ---------------------------------------------------------------------------
+
+def _lambda_error_type(data):
+    """errorType from the body of an Extensions API refusal (403 {"errorType": ...})."""
+    try:
+        found = json.loads(data).get("errorType")
+    except (ValueError, AttributeError, RecursionError):
+        found = None
+    return found if isinstance(found, str) else "unknown"
+
+
+# Lambda's API is on this host: a connection is made at once or not at all.
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+class ExtensionsApi:
+    """The calls an external extension makes, over the HTTP client above (HttpConnection):
+    Lambda's minimal images do not promise curl, and a process per event would compete
+    for the function's small CPU share."""
+
+    def __init__(self, runtime_api):
+        """runtime_api: AWS_LAMBDA_RUNTIME_API, host:port. Raises ValueError naming it."""
+        self.host, self.port = runtime_api_address(runtime_api)
+        self.address = runtime_api
+        self.identifier = None
+
+    def _failure(self, call, error):
+        what = f"answered {error}" if isinstance(error, HttpProtocolError) else f"unreachable ({type(error).__name__})"
+        return f"{call}: Extensions API at {self.address} {what}"
+
+    def _call(self, method, path, headers, body=None, timeout=None):
+        """The answer's body; timeout None waits as long as Lambda takes (/event/next)."""
+        try:
+            status, data, _ = fetch("http", self.host, self.port, method, "/2020-01-01/extension" + path,
+                                    [("Host", self.address)] + list(headers.items()),
+                                    None if body is None else body.encode("utf-8"),
+                                    None if timeout is None else time.monotonic() + timeout,
+                                    connect_deadline=time.monotonic() + CONNECT_TIMEOUT_SECONDS)
+        except (OSError, HttpProtocolError) as error:
+            raise ExtensionsApiError(self._failure(f"{method} {path}", error)) from error
+        if status >= 300:
+            raise ExtensionsApiError(f"{method} {path}: {status} {_lambda_error_type(data)}")
+        return data
+
+    def registered(self, early):
+        """Take the early start's /register answer (made before the imports): Lambda's
+        information about the function, or ExtensionsApiError."""
+        if early.register_error is not None:
+            raise ExtensionsApiError(self._failure("POST /register", early.register_error))
+        status, identifier, body = early.registration
+        if status >= 300:
+            raise ExtensionsApiError(f"POST /register: {status} {_lambda_error_type(body)}")
+        if not identifier:
+            raise ExtensionsApiError("POST /register: no Lambda-Extension-Identifier in the answer")
+        self.identifier = identifier
+        try:
+            info = json.loads(body or b"{}")
+        except ValueError:
+            info = {}
+        return info if isinstance(info, dict) else {}
+
+    def next_event(self):
+        # No timeout: the call blocks until Lambda has an event, however long that is.
+        data = self._call("GET", "/event/next", {"Lambda-Extension-Identifier": self.identifier})
+        return json.loads(data)
+
+    def report_error(self, phase, error_type, message):
+        """POST /init/error or /exit/error; Lambda ends the environment after it."""
+        body = json.dumps({"errorMessage": message, "errorType": error_type, "stackTrace": []})
+        self._call("POST", f"/{phase}/error", {"Lambda-Extension-Identifier": self.identifier,
+                                               "Lambda-Extension-Function-Error-Type": error_type,
+                                               "Content-Type": "application/json"}, body, timeout=5)
+
+
+# A wall clock that moved this much further than the monotonic one means the process
+# stood still without knowing it: a snapshot restore, or a clock set by hand. Lambda's
+# freeze does not count: the monotonic clock runs on through it (docs/pitfalls.md).
+RESTORE_JUMP_SECONDS = 10.0
+
+
+class Restores:
+    """Snapshot restores (docs/design.md, "SnapStart"), seen by the clocks (check: the wall
+    clock moved RESTORE_JUMP_SECONDS further than the monotonic one) or told by Lambda (the
+    first event after a snap-start INIT). Each calls drop (Service.forget) once, and is
+    counted. Lock rule: self._lock guards _offset and count; check reads _offset without
+    it, and looks again under it."""
+
+    def __init__(self, drop, clock, wall):
+        self.drop, self.clock, self.wall, self.count = drop, clock, wall, 0
+        self._offset = wall() - clock()
+        self._lock = threading.Lock()
+
+    def check(self):
+        if abs(self.wall() - self.clock() - self._offset) > RESTORE_JUMP_SECONDS:
+            self.seen(jump=True)
+
+    def seen(self, jump=False):
+        """Drop what the snapshot holds; for a jump, unless another thread saw it first."""
+        with self._lock:
+            if jump and abs(self.wall() - self.clock() - self._offset) <= RESTORE_JUMP_SECONDS:
+                return
+            self._offset, self.count = self.wall() - self.clock(), self.count + 1
+        self.drop("snapshot restore detected")
+
+
+# ---------------------------------------------------------------------------
 # Service: what a request means, and its answer
 # ---------------------------------------------------------------------------
 
@@ -2666,10 +2773,6 @@ PING_BODY = b'{"status": "ok"}'
 # never proxied; a proxied request may be forged server-side (SSRF), so it is refused, as
 # the Secrets Manager Agent does.
 FORWARDING_HEADERS = ("x-forwarded-for", "forwarded")
-# A wall clock that moved this much further than the monotonic one means the process
-# stood still without knowing it: a snapshot restore, or a clock set by hand. Lambda's
-# freeze does not count: the monotonic clock runs on through it (docs/pitfalls.md).
-RESTORE_JUMP_SECONDS = 10.0
 
 
 class Service:
@@ -2706,19 +2809,18 @@ class Service:
                                        self.stats, log, clock, sleep)
             for aws_service, endpoint in (("ssm", config.ssm_endpoint), ("secretsmanager", config.secrets_endpoint))
         }
-        self._clock_offset = wall() - clock()
-        self._restore_lock = threading.Lock()
-        self.restores = 0  # how many times forget() dropped everything
-        # Services whose batch action (GetParameters, BatchGetSecretValue) IAM denied:
-        # their batches are read one call per item for the life of the process.
-        self.batch_denied = set()
+        self.restores = Restores(self.forget, clock, wall)
+        # Services whose batch action (GetParameters, BatchGetSecretValue) IAM denied, each
+        # with the batch that found it: their batches are read one call per item for the
+        # life of the process.
+        self.batch_denied = {}
 
     def answer(self, method, target, headers):
         """(status, [(header, value)], body) for one request. headers: [(lower-case name,
         value)] as received, repeats kept. Never raises: every failure is answered."""
         request = None
         try:
-            self.check_restore()
+            self.restores.check()
             if method != "GET":
                 raise ClientError(405, "MethodNotAllowed", f"only GET is served, not {method[:16]!r}")
             if any(name in FORWARDING_HEADERS for name, _ in headers):
@@ -2811,13 +2913,10 @@ class Service:
         def call(keys, deadline):
             results = {} if service in self.batch_denied else batch.fetch(client, keys, deadline)
             singles = [key for key in keys if key not in results or denied(results[key])]
-            if results and singles:
-                with self._restore_lock:
-                    told, self.batch_denied = service in self.batch_denied, self.batch_denied | {service}
-                if not told:
-                    self.log.info(f"{batch.target} is denied (AccessDeniedException): {service} batches are "
-                                  f"read one call per item from now on; allowing {batch.action} in IAM "
-                                  "would save calls")
+            # The first batch to find it says so: setdefault is one step under the GIL.
+            if results and singles and self.batch_denied.setdefault(service, batch) is batch:
+                self.log.info(f"{batch.target} is denied (AccessDeniedException): {service} batches are "
+                              f"read one call per item from now on; allowing {batch.action} in IAM would save calls")
             reads = [READS[service](*key[1:]) for key in singles]
             outcomes = run_concurrently([lambda read=read: read.fetch(client, deadline) for read in reads],
                                         self.clock, deadline)
@@ -2831,22 +2930,9 @@ class Service:
         return self.store.settle(begun or self.store.begin(batch.keys, ttl, batch.refresh), call, ttl,
                                  batch.refresh, deadline)
 
-    def check_restore(self):
-        """Drop what a snapshot holds when the clocks say the process was restored: the
-        wall clock moved much further than the monotonic one (docs/design.md, "SnapStart")."""
-        jump = self.wall() - self.clock() - self._clock_offset
-        if abs(jump) > RESTORE_JUMP_SECONDS:
-            with self._restore_lock:
-                if abs(self.wall() - self.clock() - self._clock_offset) <= RESTORE_JUMP_SECONDS:
-                    return  # another thread saw it first
-            self.forget("snapshot restore detected")
-
     def forget(self, reason):
-        """Drop cached values, fetched credentials and idle AWS connections: each is had
-        again when next needed."""
-        with self._restore_lock:  # what is dropped now is not dropped again for the same jump
-            self._clock_offset = self.wall() - self.clock()
-            self.restores += 1
+        """Drop cached values, fetched credentials and idle AWS connections (what a snapshot
+        holds: Restores): each is had again when next needed."""
         self.store.clear()
         self.credentials.forget()
         for client in self.clients.values():
@@ -3255,82 +3341,6 @@ class Listener:
             self.service.log.warn("stopping with requests still in flight")
 
 # ---------------------------------------------------------------------------
-# Lambda lifecycle: the Extensions API
-# ---------------------------------------------------------------------------
-
-def _lambda_error_type(data):
-    """errorType from the body of an Extensions API refusal (403 {"errorType": ...})."""
-    try:
-        found = json.loads(data).get("errorType")
-    except (ValueError, AttributeError, RecursionError):
-        found = None
-    return found if isinstance(found, str) else "unknown"
-
-
-# Lambda's API is on this host: a connection is made at once or not at all.
-CONNECT_TIMEOUT_SECONDS = 10.0
-
-
-class ExtensionsApi:
-    """The calls an external extension makes, over the HTTP client above (HttpConnection):
-    Lambda's minimal images do not promise curl, and a process per event would compete
-    for the function's small CPU share."""
-
-    def __init__(self, runtime_api):
-        """runtime_api: AWS_LAMBDA_RUNTIME_API, host:port. Raises ValueError naming it."""
-        self.host, self.port = runtime_api_address(runtime_api)
-        self.address = runtime_api
-        self.identifier = None
-
-    def _failure(self, call, error):
-        what = f"answered {error}" if isinstance(error, HttpProtocolError) else f"unreachable ({type(error).__name__})"
-        return f"{call}: Extensions API at {self.address} {what}"
-
-    def _call(self, method, path, headers, body=None, timeout=None):
-        """The answer's body; timeout None waits as long as Lambda takes (/event/next)."""
-        try:
-            status, data, _ = fetch("http", self.host, self.port, method, "/2020-01-01/extension" + path,
-                                    [("Host", self.address)] + list(headers.items()),
-                                    None if body is None else body.encode("utf-8"),
-                                    None if timeout is None else time.monotonic() + timeout,
-                                    connect_deadline=time.monotonic() + CONNECT_TIMEOUT_SECONDS)
-        except (OSError, HttpProtocolError) as error:
-            raise ExtensionsApiError(self._failure(f"{method} {path}", error)) from error
-        if status >= 300:
-            raise ExtensionsApiError(f"{method} {path}: {status} {_lambda_error_type(data)}")
-        return data
-
-    def registered(self, early):
-        """Take the early start's /register answer (made before the imports): Lambda's
-        information about the function, or ExtensionsApiError."""
-        if early.register_error is not None:
-            raise ExtensionsApiError(self._failure("POST /register", early.register_error))
-        status, identifier, body = early.registration
-        if status >= 300:
-            raise ExtensionsApiError(f"POST /register: {status} {_lambda_error_type(body)}")
-        if not identifier:
-            raise ExtensionsApiError("POST /register: no Lambda-Extension-Identifier in the answer")
-        self.identifier = identifier
-        try:
-            info = json.loads(body or b"{}")
-        except ValueError:
-            info = {}
-        return info if isinstance(info, dict) else {}
-
-    def next_event(self):
-        # No timeout: the call blocks until Lambda has an event, however long that is.
-        data = self._call("GET", "/event/next", {"Lambda-Extension-Identifier": self.identifier})
-        return json.loads(data)
-
-    def report_error(self, phase, error_type, message):
-        """POST /init/error or /exit/error; Lambda ends the environment after it."""
-        body = json.dumps({"errorMessage": message, "errorType": error_type, "stackTrace": []})
-        self._call("POST", f"/{phase}/error", {"Lambda-Extension-Identifier": self.identifier,
-                                               "Lambda-Extension-Function-Error-Type": error_type,
-                                               "Content-Type": "application/json"}, body, timeout=5)
-
-
-# ---------------------------------------------------------------------------
 # Values in environment variables: the layer's wrapper (AWS_LAMBDA_EXEC_WRAPPER)
 # ---------------------------------------------------------------------------
 #
@@ -3710,19 +3720,18 @@ def run_in_lambda(api, early, config, log, service, listener, fatal):
             api.report_error("init", fatal.error_type, str(fatal))
             return 2
         snapshot = config.initialization_type == "snap-start"
-        restores_in_init = service.restores
+        restores_in_init = service.restores.count
         while True:
             event = api.next_event()
-            service.store.epoch += 1  # a refresh ahead still running was cut by the freeze before this event
             if snapshot:
                 # The first event after a SnapStart INIT comes in a restored copy of this
                 # process, maybe months later: nothing cached then is to be trusted, unless
                 # a request of the function's saw the clocks jump and dropped it already.
                 snapshot = False
-                if service.restores == restores_in_init:
-                    service.forget("snapshot restore detected")
+                if service.restores.count == restores_in_init:
+                    service.restores.seen()
             else:
-                service.check_restore()
+                service.restores.check()
             if str(event.get("eventType", "")).upper() == "SHUTDOWN":
                 break
         # A second at most, and a margin before Lambda's SIGKILL for the summary and the exit.

@@ -632,30 +632,32 @@ def test_module_level_connections_survive_freezes(make_lambda, aws, tmp_path, in
 
 def test_a_refresh_ahead_cut_by_a_freeze_is_dropped_at_thaw(make_lambda, aws, tmp_path):
     """TTL 10 s, refreshed ahead after 1 s, a budget of 1 s. The second invocation's hit
-    starts a refresh whose answer AWS sends 0.3 s later, while Lambda has frozen the
-    environment (1.5 s between invocations). At thaw the refresh is past its deadline:
-    dropped (the entry keeps its value, no WARN) and its connection is not reused."""
+    starts a refresh, whose answer AWS sends 0.3 s later, while Lambda has frozen the
+    environment for 1.5 s. At thaw the refresh is past its deadline: dropped (the entry
+    keeps its value, no WARN), and its connection is not reused."""
     port = free_port()
     env = lambda_env(aws.url, tmp_path, port, SSM_PARAMETER_STORE_TTL="10", SSM_PARAMETER_STORE_TIMEOUT_MILLIS="1000",
                      PARAMETERS_SECRETS_EXTENSION_REFRESH_AHEAD="10")
-    lam = make_lambda(env, handler_source(port), freeze_between_invokes=1.5)
+    lam = make_lambda(env, handler_source(port))
     assert lam.start().ok, lam.logs()
     first = invoke_ok(lam, {"fetch": True})["fetch"]
     assert (first["status"], first["cache"]) == (200, "miss"), first
-    aws.set_value(PARAM, "value-of-a-refresh-that-was-cut")
+    aws.set_value(PARAM, "value-of-a-later-refresh")
     aws.script(Do("ok", delay_ms=300), name=PARAM)
-    second = invoke_ok(lam, {"fetch": True})["fetch"]  # a hit, 1.5 s old: the refresh begins
+    second = invoke_ok(lam, {"sleep": 1.1, "fetch": True})["fetch"]  # a hit 1.1 s old: the refresh begins
     assert (second["status"], second["cache"]) == (200, "hit"), second
-    third = invoke_ok(lam, {"fetch": True, "sleep": 0.5})["fetch"]  # thawed
+    wait_for(lambda: aws.calls(SSM_GET, PARAM) == 2, message="the refresh's call")
+    lam.freeze(1.5)  # the invocation is over: Lambda freezes the environment (returns at thaw)
+    third = invoke_ok(lam, {"fetch": True})["fetch"]
     assert (third["status"], third["cache"], json.loads(third["body"])["Parameter"]["Value"]) == (200, "hit", VALUE)
-    logs = lam.logs(f"ext-{NAME}")
-    assert "a refresh ahead of ssm '/real-life/param' was cut by a freeze or a stop: dropped" in logs, logs
-    assert "ahead of its expiry failed" not in logs
-    # The third invocation's hit (the entry still due) refreshed it again, within the
-    # invocation this time: stored, over a new connection.
+    wait_for(lambda: "ended past its deadline or the stop: dropped" in lam.logs(f"ext-{NAME}"),
+             message="the refresh dropped")
+    assert "ahead of its expiry failed" not in lam.logs(f"ext-{NAME}")
+    # The third invocation's hit (the entry still due) refreshed it again: stored this
+    # time, over a new connection.
     wait_for(lambda: aws.calls(SSM_GET, PARAM) == 3, message="the second refresh ahead")
-    fourth = invoke_ok(lam, {"fetch": True})["fetch"]
-    assert json.loads(fourth["body"])["Parameter"]["Value"] == "value-of-a-refresh-that-was-cut"
+    wait_for(lambda: json.loads(invoke_ok(lam, {"fetch": True})["fetch"]["body"])["Parameter"]["Value"]
+             == "value-of-a-later-refresh", message="the second refresh's value")
     assert aws.client_ports[2] != aws.client_ports[1], "the connection of the cut refresh was reused"
     shut = lam.shutdown("spindown")
     assert shut.killed == [], lam.logs()

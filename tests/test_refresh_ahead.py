@@ -7,8 +7,8 @@ for it through the call it makes (an Event), never by sleeping a set time. The r
 checked: the threshold, single flight with misses and other refreshes, refreshNow's
 rate of one call per key per second, a failure that changes nothing (value and original
 expiry kept, one WARN), an entry that expires during its refresh joining that call, no
-refresh once stopped, a refresh cut by a Lambda freeze (an event came meanwhile)
-dropped, the deadline of a refresh without a budget, batches, and 0 meaning never. The
+refresh once stopped, a refresh that ends past its deadline (cut by a Lambda freeze)
+or after the stop dropped, the deadline of a refresh without a budget, batches, and 0 meaning never. The
 black-box side (the real extension against the fake AWS) is at the end.
 """
 
@@ -188,17 +188,34 @@ def test_no_refresh_once_stopped():
 def test_a_refresh_cut_by_a_freeze_is_dropped():
     store, clock, wall, log, _ = make_store()
     store.get(KEY, Calls(b"one"), TTL)
+    clock.advance(81)
+    wall.advance(81)
+    refresh = Calls(b"two", held=True)
+    store.get(KEY, refresh, TTL)
+    assert refresh.started.wait(10)
+    # A Lambda freeze longer than the refresh's deadline (10 s without a budget): at thaw
+    # its answer comes, past the deadline.
+    clock.advance(extension.ATTEMPT_TIMEOUT_WITHOUT_BUDGET + 1)
+    wall.advance(extension.ATTEMPT_TIMEOUT_WITHOUT_BUDGET + 1)
+    refresh.release.set()
+    settled(store)
+    assert store.get(KEY, Calls(b"never"), TTL) == (b"one", "hit")  # untouched
+    assert [level for level, _ in log.lines if level == "warn"] == []
+    assert ("debug", "a refresh ahead of ssm '/app/p' ended past its deadline or the stop: dropped") in log.lines
+
+
+def test_a_refresh_that_ends_after_the_stop_is_dropped():
+    store, clock, wall, log, _ = make_store()
+    store.get(KEY, Calls(b"one"), TTL)
     clock.advance(90)
     wall.advance(90)
     refresh = Calls(b"two", held=True)
     store.get(KEY, refresh, TTL)
     assert refresh.started.wait(10)
-    store.epoch += 1  # Lambda's next event: the process was frozen meanwhile
+    store.stopped = True  # SHUTDOWN came meanwhile
     refresh.release.set()
     settled(store)
-    assert store.get(KEY, Calls(b"never"), TTL) == (b"one", "hit")  # untouched
-    assert [level for level, _ in log.lines if level == "warn"] == []
-    assert ("debug", "a refresh ahead of ssm '/app/p' was cut by a freeze or a stop: dropped") in log.lines
+    assert store.get(KEY, Calls(b"never"), TTL) == (b"one", "hit")
 
 
 def test_a_refresh_without_a_budget_ends_within_an_attempt_and_with_one_keeps_it():

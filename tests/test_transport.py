@@ -250,7 +250,7 @@ def test_a_thread_that_cannot_start_closes_that_connection_only(listening):
     assert ping(port).startswith(b"HTTP/1.1 200 OK")
     if len(listener.sockets) == 2:
         assert ping(port, "::1").startswith(b"HTTP/1.1 200 OK")
-    assert len(listener.clients) == 0 or wait_for(lambda: len(listener.clients) == 0, timeout=5)
+    wait_for(lambda: not listener.clients._open, timeout=5, message="every place freed")  # none leaked
     warnings = [message for level, message in listener.service.log.lines if level == "warn"]
     assert warnings == ["closed a connection that could not be served (RuntimeError)",
                         "closed a connection that could not be served (MemoryError)"]
@@ -317,7 +317,7 @@ def test_answer_never_raises_even_when_the_restore_check_does():
     def broken():
         raise MemoryError
 
-    service.check_restore = broken
+    service.restores.check = broken
     status, _, body = service.answer("GET", "/ping", [("host", "x")])
     assert (status, json.loads(body)["__type"]) == (500, "InternalError")
 
