@@ -102,9 +102,9 @@ Layout (each section needs only the ones above it)
     Queries         the query string read strictly, and what each route's keys take
     Lookups and batches  what a request reads (one value, a path, a batch) and the AWS
                     calls that read it; prefetch's and the wrapper's kinds of entry
+    Lambda lifecycle  the Extensions API, and snapshot restores (the clocks, or Lambda)
     Service         what a request means and its answer; prefetch; a snapshot's drop
     HTTP server     the transport: sockets, answers, keep-alive, admission, the stop
-    Lambda lifecycle  the Extensions API
     Values in environment variables  the layer's wrapper: {{ssm:...}} / {{secret:...}}
                     in the runtime's environment, resolved through the running extension
     main
