@@ -27,6 +27,7 @@ Plain helpers (``from conftest import ...``)
     ``ssm_path(name, **query)``     ``/systemsmanager/parameters/get?name=<name quoted>&k=v``
     ``sm_path(secret_id, **query)`` ``/secretsmanager/get?secretId=<id quoted>&k=v``
     ``warn_lines(text)``            the WARN lines of a text-format extension log
+    ``printed_table(text, heading)`` the rows of a table a benchmark printed
     ``boto3_client(service, url)``  a boto3 client for seeding moto (us-east-1, dummy keys)
     ``moto_reset(url)`` / ``moto_set_auth(url, enabled)``  moto's control API
     ``Headers(pairs)``              response headers: a dict with case-insensitive lookup
@@ -219,6 +220,21 @@ def warn_lines(text):
     """The WARN lines of ``text``, a text-format extension log (``ext.stderr()``,
     ``ext.logs()``): lines that merely quote the word WARN do not count."""
     return [line for line in text.splitlines() if _WARN_LINE.match(line)]
+
+
+def printed_table(text, first_heading):
+    """{first cell: [the other cells]} of the rows of a table a benchmark printed: the
+    header line starts with first_heading, a rule line follows, the rows end at an empty
+    line, and cells are two or more spaces apart."""
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith(first_heading))
+    rows = {}
+    for line in lines[head + 2:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells[1:]
+    return rows
 
 
 _BOTO3 = {}

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, printed_table
 
 FLEET = ROOT / "bench" / "fleet.py"
 
@@ -121,19 +121,6 @@ def test_the_throttle_answers_as_aws_does_without_reaching_moto_and_counts_by_ta
     }
 
 
-def table_rows(text):
-    """{scenario label: [cells]} from the printed table (cells are two or more spaces apart)."""
-    lines = text.splitlines()
-    head = next(i for i, line in enumerate(lines) if line.startswith("how the functions read"))
-    rows = {}
-    for line in lines[head + 2:]:
-        if not line.strip():
-            break
-        cells = re.split(r"\s{2,}", line.strip())
-        rows[cells[0]] = cells[1:]
-    return rows
-
-
 @pytest.mark.slow
 def test_a_tiny_fleet_of_every_scenario_with_nothing_throttled_gets_every_value_in_exact_calls():
     # 3 functions x 3 parameters: at most 9 calls a scenario, within the bucket's 20 tokens
@@ -142,7 +129,7 @@ def test_a_tiny_fleet_of_every_scenario_with_nothing_throttled_gets_every_value_
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "N=3 functions started at once, K=3 parameters each, R=20 calls/s" in done.stdout
-    rows = table_rows(done.stdout)
+    rows = printed_table(done.stdout, "how the functions read")
     # functions with every value, errors, calls accepted / throttled, ..., limit N*calls/R
     expected = {
         "one by one through the extension": ("3 of 3", "0", "9 / 0", "0.45 s"),

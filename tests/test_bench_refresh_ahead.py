@@ -14,24 +14,15 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, printed_table
 
 BENCH = ROOT / "bench" / "refresh_ahead.py"
 
 
 def table(text):
-    """({setting: [cells]}, {setting: note}) from the printed table and its notes (cells
-    are two or more spaces apart)."""
-    lines = text.splitlines()
-    head = next(i for i, line in enumerate(lines) if line.startswith("setting "))
-    rows = {}
-    for line in lines[head + 2:]:
-        if not line.strip():
-            break
-        cells = re.split(r"\s{2,}", line.strip())
-        rows[cells[0]] = cells[1:]
+    """({setting: [cells]}, {setting: note}) from the printed table and its notes."""
     notes = dict(re.findall(r"^- (REFRESH_AHEAD [^:]+): (.*)$", text, re.MULTILINE))
-    return rows, notes
+    return printed_table(text, "setting "), notes
 
 
 def summary(note):

@@ -24,12 +24,23 @@ KEY = ("ssm", "/app/p", None, False)
 TTL = 100
 
 
+class Clocks(FakeClock):
+    """The monotonic clock (now), and the wall clock beside it: advance moves both, as time
+    that passes while the process runs does."""
+
+    def __init__(self):
+        super().__init__()
+        self.wall = FakeClock(1_800_000_000.0)
+
+    def advance(self, seconds):
+        super().advance(seconds)
+        self.wall.advance(seconds)
+
+
 def make_store(ahead=0.8, max_stale=300):
-    clock, wall = FakeClock(), FakeClock(1_800_000_000.0)
-    log = RecordingLog()
-    stats = extension.Stats()
-    cache = extension.TTLCache(10, max_stale, clock, wall, ahead)
-    return extension.Store(cache, stats, log, clock), clock, wall, log, stats
+    clock, log, stats = Clocks(), RecordingLog(), extension.Stats()
+    cache = extension.TTLCache(10, max_stale, clock, clock.wall, ahead)
+    return extension.Store(cache, stats, log, clock), clock, log, stats
 
 
 class Calls:
@@ -66,22 +77,19 @@ def settled(store):
 
 
 def test_a_hit_before_the_threshold_does_not_refresh_and_one_after_it_does():
-    store, clock, wall, _, stats = make_store()
+    store, clock, _, stats = make_store()
     assert store.get(KEY, Calls(b"one"), TTL) == (b"one", "miss")
     refresh = Calls(b"two")
     clock.advance(79)
-    wall.advance(79)
     assert store.get(KEY, refresh, TTL) == (b"one", "hit")
     assert refresh.made == 0
     clock.advance(1)
-    wall.advance(1)
     assert store.get(KEY, refresh, TTL) == (b"one", "hit")  # at once, from the cache
     settled(store)
     assert refresh.made == 1
     assert store.get(KEY, Calls(b"never"), TTL) == (b"two", "hit")
     # A new TTL from the refresh: fresh until 80 + 100, and due again at 80 + 80.
     clock.advance(99)
-    wall.advance(99)
     assert store.get(KEY, Calls(b"three"), TTL) == (b"two", "hit")
     settled(store)
     assert store.get(KEY, Calls(b"never"), TTL) == (b"three", "hit")
@@ -90,10 +98,9 @@ def test_a_hit_before_the_threshold_does_not_refresh_and_one_after_it_does():
 
 
 def test_zero_never_refreshes_ahead():
-    store, clock, wall, _, stats = make_store(ahead=0.0)
+    store, clock, _, stats = make_store(ahead=0.0)
     store.get(KEY, Calls(b"one"), TTL)
     clock.advance(99.9)
-    wall.advance(99.9)
     never = Calls(b"never")
     assert store.get(KEY, never, TTL) == (b"one", "hit")
     assert never.made == 0 and not store._flights
@@ -101,10 +108,9 @@ def test_zero_never_refreshes_ahead():
 
 
 def test_one_refresh_at_a_time_and_a_miss_during_it_joins_its_call():
-    store, clock, wall, _, _ = make_store()
+    store, clock, _, _ = make_store()
     store.get(KEY, Calls(b"one"), TTL)
     clock.advance(90)
-    wall.advance(90)
     refresh = Calls(b"two", held=True)
     assert store.get(KEY, refresh, TTL) == (b"one", "hit")
     assert refresh.started.wait(10)
@@ -112,7 +118,6 @@ def test_one_refresh_at_a_time_and_a_miss_during_it_joins_its_call():
     assert store.get(KEY, other, TTL) == (b"one", "hit")  # a second hit: no second refresh
     # The entry expires while its refresh runs: the next request misses and joins it.
     clock.advance(11)
-    wall.advance(11)
     joined = []
     waiter = threading.Thread(target=lambda: joined.append(store.get(KEY, other, TTL)))
     waiter.start()
@@ -125,10 +130,9 @@ def test_one_refresh_at_a_time_and_a_miss_during_it_joins_its_call():
 
 
 def test_a_failed_refresh_changes_nothing_and_warns():
-    store, clock, wall, log, _ = make_store()
+    store, clock, log, _ = make_store()
     store.get(KEY, Calls(b"one"), TTL)
     clock.advance(85)
-    wall.advance(85)
     failing = Calls(extension.UpstreamUnreachable("down"))
     assert store.get(KEY, failing, TTL) == (b"one", "hit")
     settled(store)
@@ -137,48 +141,42 @@ def test_a_failed_refresh_changes_nothing_and_warns():
     # The value and its original expiry stay: a hit until 100 (another refresh, failing
     # too, a second later or more), then a miss, whose failure the old value answers.
     clock.advance(14.9)
-    wall.advance(14.9)
     assert store.get(KEY, failing, TTL) == (b"one", "hit")
     settled(store)
     clock.advance(0.1)
-    wall.advance(0.1)
     assert store.get(KEY, failing, TTL) == (b"one", "stale")
     assert failing.made == 3  # two refreshes ahead, then the miss
 
 
 
 def test_a_non_transient_failure_does_not_drop_the_value_either():
-    store, clock, wall, _, _ = make_store()
+    store, clock, _, _ = make_store()
     store.get(KEY, Calls(b"one"), TTL)
     clock.advance(85)
-    wall.advance(85)
     store.get(KEY, Calls(extension.AwsError(400, "ParameterNotFound", "")), TTL)
     settled(store)
     assert store.get(KEY, Calls(b"never"), TTL) == (b"one", "hit")
 
 
 def test_at_most_one_refresh_call_per_key_per_second():
-    store, clock, wall, _, _ = make_store()
+    store, clock, _, _ = make_store()
     store.get(KEY, Calls(b"one"), TTL)
     clock.advance(85)
-    wall.advance(85)
     failing = Calls(extension.UpstreamUnreachable("down"))
     for _ in range(5):  # the entry stays due after a failure, but the rate holds
         store.get(KEY, failing, TTL)
         settled(store)
     assert failing.made == 1
     clock.advance(extension.REFRESH_INTERVAL)
-    wall.advance(extension.REFRESH_INTERVAL)
     store.get(KEY, failing, TTL)
     settled(store)
     assert failing.made == 2
 
 
 def test_no_refresh_once_stopped():
-    store, clock, wall, _, _ = make_store()
+    store, clock, _, _ = make_store()
     store.get(KEY, Calls(b"one"), TTL)
     clock.advance(90)
-    wall.advance(90)
     store.stopped = True
     never = Calls(b"never")
     assert store.get(KEY, never, TTL) == (b"one", "hit")
@@ -186,17 +184,15 @@ def test_no_refresh_once_stopped():
 
 
 def test_a_refresh_cut_by_a_freeze_is_dropped():
-    store, clock, wall, log, _ = make_store()
+    store, clock, log, _ = make_store()
     store.get(KEY, Calls(b"one"), TTL)
     clock.advance(81)
-    wall.advance(81)
     refresh = Calls(b"two", held=True)
     store.get(KEY, refresh, TTL)
     assert refresh.started.wait(10)
     # A Lambda freeze longer than the refresh's deadline (10 s without a budget): at thaw
     # its answer comes, past the deadline.
     clock.advance(extension.ATTEMPT_TIMEOUT_WITHOUT_BUDGET + 1)
-    wall.advance(extension.ATTEMPT_TIMEOUT_WITHOUT_BUDGET + 1)
     refresh.release.set()
     settled(store)
     assert store.get(KEY, Calls(b"never"), TTL) == (b"one", "hit")  # untouched
@@ -205,10 +201,9 @@ def test_a_refresh_cut_by_a_freeze_is_dropped():
 
 
 def test_a_refresh_that_ends_after_the_stop_is_dropped():
-    store, clock, wall, log, _ = make_store()
+    store, clock, log, _ = make_store()
     store.get(KEY, Calls(b"one"), TTL)
     clock.advance(90)
-    wall.advance(90)
     refresh = Calls(b"two", held=True)
     store.get(KEY, refresh, TTL)
     assert refresh.started.wait(10)
@@ -219,16 +214,14 @@ def test_a_refresh_that_ends_after_the_stop_is_dropped():
 
 
 def test_a_refresh_without_a_budget_ends_within_an_attempt_and_with_one_keeps_it():
-    store, clock, wall, _, _ = make_store()
+    store, clock, _, _ = make_store()
     store.get(KEY, Calls(b"one"), TTL)
     clock.advance(90)
-    wall.advance(90)
     refresh = Calls(b"two")
     store.get(KEY, refresh, TTL)
     settled(store)
     assert refresh.deadlines == [clock.now + extension.ATTEMPT_TIMEOUT_WITHOUT_BUDGET]
     clock.advance(80)
-    wall.advance(80)
     refresh = Calls(b"three")
     store.get(KEY, refresh, TTL, deadline=clock.now + 2.5)
     settled(store)
@@ -236,7 +229,7 @@ def test_a_refresh_without_a_budget_ends_within_an_attempt_and_with_one_keeps_it
 
 
 def test_a_batch_refreshes_its_due_keys_in_one_call():
-    store, clock, wall, _, _ = make_store()
+    store, clock, _, _ = make_store()
     keys = [("ssm", f"/b/{index}", None, False) for index in range(3)]
     asked = []
 
@@ -246,10 +239,8 @@ def test_a_batch_refreshes_its_due_keys_in_one_call():
 
     store.get_many(keys[:2], call, TTL)
     clock.advance(50)
-    wall.advance(50)
     store.get_many(keys[2:], call, TTL)
-    clock.advance(35)
-    wall.advance(35)  # keys 0 and 1 are 85 s old (due), key 2 is 35 s old
+    clock.advance(35)  # keys 0 and 1 are 85 s old (due), key 2 is 35 s old
     results = store.get_many(keys, call, TTL)
     assert [results[key] for key in keys] == [(b"v1", "hit"), (b"v1", "hit"), (b"v2", "hit")]
     settled(store)
