@@ -1,5 +1,6 @@
 #!/bin/sh
-# Builds the Lambda layer zip: dist/<name>-layer.zip holding exactly
+# Builds the Lambda layer zip: dist/<name>-<version>-layer.zip (the version: the line
+# __version__ = "X.Y.Z" of extension.py, printed too), holding exactly
 #     extensions/<name>        the bootstrap (mode 0755): Lambda starts every file in
 #                              /opt/extensions/, and the extension registers under that
 #                              file's name
@@ -75,9 +76,23 @@ main() {
             exit 1
         fi
     done
+    # The one line that names the release (extension.py, near its top); a second such line
+    # would put a line break into the result, which the check below refuses too.
+    version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$root/extension.py")
+    case $version in
+        [0-9]*.[0-9]*.[0-9]*) ;;
+        *) version='' ;;
+    esac
+    case $version in
+        '' | *[!0-9A-Za-z.+-]*)
+            err "extension.py has no single line __version__ = \"X.Y.Z\""
+            exit 1
+            ;;
+    esac
+    say "version $version"
     mkdir -p -- "$out_dir"
     out_dir=$(CDPATH="" cd -- "$out_dir" && pwd)
-    zip_path=$out_dir/$name-layer.zip
+    zip_path=$out_dir/$name-$version-layer.zip
 
     # Cached bytecode for every Python 3.9+ this machine has (the bootstrap runs the
     # extension with -m, so Lambda's Python loads it instead of compiling the source at
@@ -154,7 +169,7 @@ shown = ", ".join("%s.%s" % (tag[8], tag[9:]) for tag in versions)  # cpython-31
 sys.stderr.write("build_layer: bytecode for Python %s; another runtime compiles extension.py at each "
                  "cold start (add its interpreter to LAYER_PYTHONS)\n" % (shown or "none"))
 EOF
-    say "built $zip_path"
+    say "built $zip_path (version $version)"
     say "runtime wrapper: set AWS_LAMBDA_EXEC_WRAPPER=/opt/$name/wrapper to resolve {{ssm:...}} and {{secret:...}} in environment variables"
     printf '%s\n' "$zip_path"
 }

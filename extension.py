@@ -110,10 +110,17 @@ Layout (each section needs only the ones above it)
     main
 
 Usage: python3 extension.py [NAME]    (NAME: the extension's name, for logs and /register)
+       python3 extension.py --version     (prints the name and the version, e.g.
+           "parameters-secrets-extension 1.0.0")
        python3 extension.py --exec-with-values COMMAND...   (the layer's wrapper: resolve the
            references in the environment through the running extension, then exec COMMAND;
            docs/env-values.md)
 """
+
+# The release, in semantic versioning (CHANGELOG.md says what each one changed). One place:
+# build_layer.sh reads this line for the zip's name; --version, the start-up line and the
+# shutdown summary print it.
+__version__ = "1.0.0"
 
 import errno
 import os
@@ -3267,9 +3274,10 @@ class Listener:
     def start(self):
         self._thread = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
         self._thread.start()
-        for sock in self.sockets:
-            host, port = sock.getsockname()[:2]
-            self.service.log.info(f"listening on {f'[{host}]' if ':' in host else host}:{port}")
+        # One line that a bug report can quote: what runs, and where.
+        names = [sock.getsockname()[:2] for sock in self.sockets]
+        self.service.log.info(f"version {__version__}, listening on " + " and ".join(
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in names))
 
     def _accept_loop(self):
         # select, not selectors: three descriptors, among the first the process opens (far
@@ -3690,12 +3698,12 @@ def start_up(config, log, early):
 
 def report_summary(service, name, config, log):
     counts = service.stats.snapshot()
-    log.info("summary: " + " ".join(f"{key}={counts[key]}" for key in Stats.NAMES))
+    log.info("summary: " + " ".join(f"{key}={counts[key]}" for key in Stats.NAMES) + f" version={__version__}")
     if config.metrics == "emf":
         record = {"_aws": {"Timestamp": int(time.time() * 1000), "CloudWatchMetrics": [{
             "Namespace": "ParametersSecretsExtension", "Dimensions": [["ExtensionName"]],
             "Metrics": [{"Name": metric, "Unit": "Count"} for metric in Stats.METRICS.values()]}]},
-            "ExtensionName": name}
+            "ExtensionName": name, "ExtensionVersion": __version__}  # a property: no dimension
         record.update({Stats.METRICS[key]: counts[key] for key in Stats.NAMES})
         # Printed as is (not through the logger): CloudWatch recognises an EMF record
         # only when the line is the JSON object itself.
@@ -3771,8 +3779,9 @@ def main(argv, early=None):
     if len(argv) > 1 and argv[1] == "--exec-with-values":
         return exec_with_values(argv[2:], os.environ)
     if len(argv) > 1 and argv[1].startswith("-"):
-        known = argv[1] in ("-h", "--help")
-        (sys.stdout if known else sys.stderr).write(USAGE)
+        known = argv[1] in ("-h", "--help", "--version")
+        text = f"{DEFAULT_NAME} {__version__}\n" if argv[1] == "--version" else USAGE
+        (sys.stdout if known else sys.stderr).write(text)
         return 0 if known else 2
     early = early or EarlyStart(argv, os.environ)
     config, messages = load_config(os.environ)

@@ -316,7 +316,7 @@ def log_facts(logfile):
     for line in lines:
         found = re.search(r"summary: (.*)$", line)
         if found:
-            summary = {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", found.group(1))}
+            summary = {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)(?= |$)", found.group(1))}
     return {"summary": summary,
             "warn_lines": sum(1 for line in lines if "] WARN " in line),
             "error_lines": sum(1 for line in lines if "] ERROR " in line),

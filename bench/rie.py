@@ -109,7 +109,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rie", required=True, help="path of the aws-lambda-rie binary")
     parser.add_argument("--runs", type=int, default=18)
-    parser.add_argument("--layer", default=str(ROOT / "dist" / "parameters-secrets-extension-layer.zip"),
+    version = re.search(r'^__version__ = "(.*)"$', (ROOT / "extension.py").read_text(), re.M).group(1)
+    parser.add_argument("--layer", default=str(ROOT / "dist" / f"parameters-secrets-extension-{version}-layer.zip"),
                         help="the layer zip (build_layer.sh makes it)")
     args = parser.parse_args(argv)
     for need, why in ((os.geteuid() == 0, "root (to mount /opt in a private namespace)"),

@@ -186,7 +186,7 @@ def test_the_function_sees_the_values_and_everything_else_unchanged(make_lambda,
     summaries = [line for line in lam.logs(f"ext-{NAME}").splitlines() if " INFO summary: " in line]
     assert len(summaries) == 1
     assert re.fullmatch(rf"\[{NAME}\] INFO summary: hits=[1-9] misses=6 aws_calls=6 errors=0 stale=0 "
-                        r"refreshed_ahead=0", summaries[0])
+                        rf"refreshed_ahead=0 version={re.escape(extension.__version__)}", summaries[0])
     # Silent when all is well (log level info), and never a value in any log.
     assert runtime_lines(lam) == []
     logs = lam.logs()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import extension
 from conftest import ROOT, free_port, wait_for
 
 SSM_MULTI = "AmazonSSM.GetParameters"
@@ -90,7 +91,11 @@ def test_template_publishes_the_built_layer(tmp_path):
     assert props["CompatibleRuntimes"] == RUNTIMES
     assert sorted(props["CompatibleArchitectures"]) == ["arm64", "x86_64"]
     content = (TEMPLATE.parent / props["ContentUri"]).resolve()
-    assert content == (ROOT / "dist" / "parameters-secrets-extension-layer.zip").resolve()
+    # The version is written into the path (SAM packages ContentUri as written, without
+    # substitutions): the one in extension.py, and in the layer's description.
+    version = extension.__version__
+    assert content == (ROOT / "dist" / f"parameters-secrets-extension-{version}-layer.zip").resolve()
+    assert props["Description"].endswith(f" {version}")
 
     # It is the file build_layer.sh writes (built here into a temporary directory).
     result = subprocess.run(["sh", str(ROOT / "build_layer.sh"), "-o", str(tmp_path)],

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
+import extension
 from conftest import ROOT
 
 NAME = "parameters-secrets-extension"
+VERSION = extension.__version__
 BOOTSTRAP = ROOT / "bootstrap"
 WRAPPER = ROOT / "wrapper"
 BUILD = ROOT / "build_layer.sh"
@@ -132,7 +134,7 @@ def test_two_builds_are_byte_identical(tmp_path):
     first = build_ok(tmp_path / "a")
     second = build_ok(tmp_path / "b")
     assert first.read_bytes() == second.read_bytes()
-    assert first.name == second.name == f"{NAME}-layer.zip"
+    assert first.name == second.name == f"{NAME}-{VERSION}-layer.zip"
     # A copy of the sources with other file times and modes builds the same bytes.
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -153,7 +155,7 @@ def test_last_output_line_is_the_zip_path(tmp_path):
     assert done.returncode == 0, done.stderr
     last = done.stdout.splitlines()[-1]
     assert Path(last).is_absolute()
-    assert Path(last) == (tmp_path / "out" / f"{NAME}-layer.zip").resolve()
+    assert Path(last) == (tmp_path / "out" / f"{NAME}-{VERSION}-layer.zip").resolve()
     assert zipfile.is_zipfile(last)
     assert not list((tmp_path / "out").glob("*.tmp"))
 
@@ -169,7 +171,7 @@ def test_name_by_argument_and_by_environment(tmp_path):
     by_arg = build_ok(tmp_path / "a", "my-ext")
     by_env = build_ok(tmp_path / "b", env_extra={"EXTENSION_NAME": "my-ext"})
     for zip_path in (by_arg, by_env):
-        assert zip_path.name == "my-ext-layer.zip"
+        assert zip_path.name == f"my-ext-{VERSION}-layer.zip"
         with zipfile.ZipFile(zip_path) as zf:
             sources, bytecode = sources_and_bytecode(zf.namelist())
             assert sources == ["extensions/my-ext", "my-ext/extension.py", "my-ext/wrapper"]
@@ -440,6 +442,6 @@ def test_the_build_says_which_pythons_got_bytecode(tmp_path):
     assert len(lines) == 1, done.stderr
     versions = lines[0][len("build_layer: bytecode for Python "):].split(";")[0].split(", ")
     assert f"{sys.version_info[0]}.{sys.version_info[1]}" in versions
-    with zipfile.ZipFile(tmp_path / f"{NAME}-layer.zip") as zf:
+    with zipfile.ZipFile(tmp_path / f"{NAME}-{VERSION}-layer.zip") as zf:
         shipped = sorted(name.split(".")[1] for name in zf.namelist() if name.endswith(".pyc"))
     assert sorted(f"cpython-{v.replace('.', '')}" for v in versions) == shipped

@@ -22,12 +22,15 @@ import time
 
 import pytest
 
+import extension
 from conftest import SM_GET, SSM_GET, free_port, wait_for
 
 DEFAULT_NAME = "parameters-secrets-extension"
+VERSION = extension.__version__
 LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
 SUMMARY_RE = re.compile(
-    r"summary: hits=(\d+) misses=(\d+) aws_calls=(\d+) errors=(\d+) stale=(\d+) refreshed_ahead=(\d+)")
+    r"summary: hits=(\d+) misses=(\d+) aws_calls=(\d+) errors=(\d+) stale=(\d+) refreshed_ahead=(\d+) "
+    rf"version={re.escape(VERSION)}$", re.MULTILINE)
 TEXT_RE = re.compile(r"^\[(?P<name>[^\]]+)\] (?P<level>DEBUG|INFO|WARN|ERROR) (?P<msg>.*)$")
 EMF_METRICS = {"Hits", "Misses", "AwsCalls", "Errors", "StaleAnswers", "RefreshedAhead"}
 
@@ -131,7 +134,7 @@ def test_json_log_format_every_line_is_one_object(moto, ssm, secretsmanager,
     objs = [json.loads(line) for line in lines]
     objs = [o for o in objs if "_aws" not in o]
     assert any(o["level"] == "INFO"
-               and re.search(rf"listening on 127\.0\.0\.1:{ext.port}", o["message"])
+               and o["message"].startswith(f"version {VERSION}, listening on 127.0.0.1:{ext.port}")
                for o in objs), objs
     assert any(o["level"] == "WARN" and "SSM_PARAMETER_STORE_TTL" in o["message"]
                for o in objs), objs
@@ -167,9 +170,10 @@ def test_text_log_format(moto, ssm, secretsmanager, start_extension):
         assert match.group("name") == DEFAULT_NAME
         levels.add(match.group("level"))
     assert {"DEBUG", "INFO", "WARN"} <= levels
-    assert any(line == f"[{DEFAULT_NAME}] INFO listening on 127.0.0.1:{ext.port}"
-               or line.startswith(f"[{DEFAULT_NAME}] INFO listening on 127.0.0.1:{ext.port}")
-               for line in lines), lines
+    # One start-up line: the version, then every address (::1 where the host has it).
+    started = f"[{DEFAULT_NAME}] INFO version {VERSION}, listening on 127.0.0.1:{ext.port}"
+    assert [line for line in lines if " listening on " in line] in (
+        [started], [f"{started} and [::1]:{ext.port}"]), lines
     assert any(re.match(rf"^\[{DEFAULT_NAME}\] WARN .*SSM_PARAMETER_STORE_TTL", line)
                for line in lines), lines
     _no_leaks(ext, "secret-value-for-logging-42")
@@ -324,6 +328,7 @@ def test_emf_line_at_sigterm(moto, ssm, secretsmanager, start_extension, fmt):
         assert metric["Unit"] == "Count", metric
         assert set(metric) <= {"Name", "Unit", "StorageResolution"}, metric
     assert doc["ExtensionName"] == "emf-ext"
+    assert doc["ExtensionVersion"] == VERSION  # a property, not a dimension (see above)
     for name in EMF_METRICS:
         assert isinstance(doc[name], int) and not isinstance(doc[name], bool), (name, doc)
         assert doc[name] >= 0
