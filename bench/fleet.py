@@ -47,6 +47,7 @@ Exit status: 0 when the benchmark ran (even with misses), 2 when it could not ru
 
 import argparse
 import collections
+import contextlib
 import http.client
 import json
 import logging
@@ -270,36 +271,45 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.wfile.write(THROTTLE_BODY)
 
     def forward(self, body):
-        """The call as received (method, path, headers Host included: a signature covers
-        them) to moto; its answer back, but for the framing headers."""
         began = time.perf_counter()
-        failed = False
-        try:
-            upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=30)
-            try:
-                upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-                for name, value in self.headers.items():
-                    if name.lower() not in HOP_BY_HOP:
-                        upstream.putheader(name, value)
-                upstream.putheader("Content-Length", str(len(body)))
-                upstream.endheaders(body)
-                response = upstream.getresponse()
-                status, reason, headers, data = response.status, response.reason, response.getheaders(), response.read()
-            finally:
-                upstream.close()
-        except OSError as exc:
-            failed = True
-            status, reason = 502, "Bad Gateway"
-            headers = [("Content-Type", "application/json")]
-            data = json.dumps({"__type": "ProxyError", "message": str(exc)}).encode()
+        status, reason, headers, data, failed = forward_to_moto(self, body)
         self.server.upstream_done(time.perf_counter() - began, failed)
-        self.send_response_only(status, reason)
-        for name, value in headers:
-            if name.lower() not in HOP_BY_HOP and name.lower() not in ("server", "date"):
-                self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        answer_from_moto(self, status, reason, headers, data)
+
+
+# Both proxies (this one and bench/refresh_ahead.py's) forward and answer the same way.
+
+
+def forward_to_moto(handler, body):
+    """The call a handler received (method, path, headers Host included: a signature
+    covers them) to moto at handler.server.upstream_port: (status, reason, headers, data,
+    failed), a 502 ProxyError when moto cannot be reached."""
+    upstream = http.client.HTTPConnection("127.0.0.1", handler.server.upstream_port, timeout=30)
+    try:
+        upstream.putrequest(handler.command, handler.path, skip_host=True, skip_accept_encoding=True)
+        for name, value in handler.headers.items():
+            if name.lower() not in HOP_BY_HOP:
+                upstream.putheader(name, value)
+        upstream.putheader("Content-Length", str(len(body)))
+        upstream.endheaders(body)
+        response = upstream.getresponse()
+        return response.status, response.reason, response.getheaders(), response.read(), False
+    except OSError as exc:
+        data = json.dumps({"__type": "ProxyError", "message": str(exc)}).encode()
+        return 502, "Bad Gateway", [("Content-Type", "application/json")], data, True
+    finally:
+        upstream.close()
+
+
+def answer_from_moto(handler, status, reason, headers, data):
+    """moto's answer to the caller, but for its framing headers, Server and Date."""
+    handler.send_response_only(status, reason)
+    for name, value in headers:
+        if name.lower() not in HOP_BY_HOP and name.lower() not in ("server", "date"):
+            handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 # ------------------------------------------------------------------ moto
@@ -313,6 +323,21 @@ def start_moto():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     return server, server.get_host_and_port()[1]
+
+
+@contextlib.contextmanager
+def moto_behind(make_proxy):
+    """(proxy, moto's port): moto, and make_proxy(moto_port) serving in front of it; both
+    stopped at the end (this benchmark's and bench/refresh_ahead.py's)."""
+    moto, moto_port = start_moto()
+    proxy = make_proxy(moto_port)
+    threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield proxy, moto_port
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        moto.stop()
 
 
 def boto3_session():
@@ -799,23 +824,16 @@ def measure(python, extension, n=DEFAULT_N, k=DEFAULT_K, rate=DEFAULT_RATE, capa
                            "load_average_at_start": os.getloadavg()[0], **machine()},
               "scenarios": []}
     values = names_and_values(k)
-    moto, moto_port = start_moto()
-    proxy = ThrottleProxy(moto_port, rate, capacity)
-    threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
+    with moto_behind(lambda moto_port: ThrottleProxy(moto_port, rate, capacity)) as (proxy, moto_port), \
+            tempfile.TemporaryDirectory(prefix="fleet-") as logdir:
         seed(moto_port, values)
-        with tempfile.TemporaryDirectory(prefix="fleet-") as logdir:
-            command = extension_command(python, extension, logdir, as_script)
-            for index, name in enumerate(scenarios):
-                if index:
-                    time.sleep(REFILL_S)  # let the machine settle after the last scenario's processes
-                proxy.reset()  # counters emptied, bucket full
-                log(f"{LABELS[name]}: {n} functions x {k} parameters at {rate:g} calls/s")
-                result["scenarios"].append(run_scenario(name, n, k, rate, python, command, proxy, values, logdir))
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
-        moto.stop()
+        command = extension_command(python, extension, logdir, as_script)
+        for index, name in enumerate(scenarios):
+            if index:
+                time.sleep(REFILL_S)  # let the machine settle after the last scenario's processes
+            proxy.reset()  # counters emptied, bucket full
+            log(f"{LABELS[name]}: {n} functions x {k} parameters at {rate:g} calls/s")
+            result["scenarios"].append(run_scenario(name, n, k, rate, python, command, proxy, values, logdir))
     result["settings"]["load_average_at_end"] = os.getloadavg()[0]
     result["seconds"] = round(time.perf_counter() - began, 1)
     return result

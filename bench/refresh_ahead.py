@@ -168,43 +168,19 @@ class _LatencyHandler(BaseHTTPRequestHandler):
                 call["name"] = json.loads(body).get("Name")
             except (ValueError, AttributeError):
                 pass
-            status, reason, headers, data = self.forward(body)
+            status, reason, headers, data, _ = fleet.forward_to_moto(self, body)
             # The Region's round trip: the answer leaves latency_s after the call arrived
             # (or when moto has it, if moto took longer). Moto first: its CPU time, this
             # process's and no AWS Region's, then falls at the start of the call and not
             # at the moment the extension takes the answer in.
             time.sleep(max(0.0, arrived + self.server.latency_s - time.monotonic()))
             call["status"] = status
-            self.send_response_only(status, reason)
-            for name, value in headers:
-                if name.lower() not in fleet.HOP_BY_HOP and name.lower() not in ("server", "date"):
-                    self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            fleet.answer_from_moto(self, status, reason, headers, data)
         finally:
             call["answered"] = time.monotonic()
             self.server.done(call)
 
     do_GET = do_POST
-
-    def forward(self, body):
-        """The call as received (Host included: the signature covers it) to moto."""
-        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=30)
-        try:
-            upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-            for name, value in self.headers.items():
-                if name.lower() not in fleet.HOP_BY_HOP:
-                    upstream.putheader(name, value)
-            upstream.putheader("Content-Length", str(len(body)))
-            upstream.endheaders(body)
-            response = upstream.getresponse()
-            return response.status, response.reason, response.getheaders(), response.read()
-        except OSError as exc:
-            data = json.dumps({"__type": "ProxyError", "message": str(exc)}).encode()
-            return 502, "Bad Gateway", [("Content-Type", "application/json")], data
-        finally:
-            upstream.close()
 
 
 # ------------------------------------------------------------------ the client (its own process)
@@ -457,24 +433,17 @@ def measure(python, extension, ttl=DEFAULT_TTL, seconds=DEFAULT_SECONDS, interva
                            "load_average_at_start": os.getloadavg()[0], **fleet.machine()},
               "rows": []}
     value = f"hot-{secrets.token_hex(8)}"  # random: a value from another run can never pass the check
-    moto, moto_port = fleet.start_moto()
-    proxy = LatencyProxy(moto_port, latency_ms / 1000.0)
-    threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
+    with fleet.moto_behind(lambda moto_port: LatencyProxy(moto_port, latency_ms / 1000.0)) as (proxy, moto_port), \
+            tempfile.TemporaryDirectory(prefix="refresh-ahead-") as logdir:
         seed(moto_port, value)
-        with tempfile.TemporaryDirectory(prefix="refresh-ahead-") as logdir:
-            command = fleet.extension_command(python, extension, logdir, as_script)
-            for ahead in aheads:
-                log(f"REFRESH_AHEAD={ahead}: one key every {interval_ms:g} ms for {seconds:g} s, TTL {ttl} s, "
-                    f"AWS round trip {latency_ms:g} ms")
-                raw = run_setting(ahead, python, command, proxy, ttl, seconds, interval_ms, value, logdir)
-                f = figures(ahead, ttl, *raw)
-                f["target"], f["passed"] = judge(f)
-                result["rows"].append(f)
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
-        moto.stop()
+        command = fleet.extension_command(python, extension, logdir, as_script)
+        for ahead in aheads:
+            log(f"REFRESH_AHEAD={ahead}: one key every {interval_ms:g} ms for {seconds:g} s, TTL {ttl} s, "
+                f"AWS round trip {latency_ms:g} ms")
+            raw = run_setting(ahead, python, command, proxy, ttl, seconds, interval_ms, value, logdir)
+            f = figures(ahead, ttl, *raw)
+            f["target"], f["passed"] = judge(f)
+            result["rows"].append(f)
     result["settings"]["load_average_at_end"] = os.getloadavg()[0]
     result["seconds"] = round(time.perf_counter() - began, 1)
     return result
@@ -485,10 +454,6 @@ def measure(python, extension, ttl=DEFAULT_TTL, seconds=DEFAULT_SECONDS, interva
 
 def ms(value):
     return "-" if value is None else f"{value:.2f}" if value < 100 else f"{value:.0f}"
-
-
-def verdict(passed):
-    return "info" if passed is None else ("pass" if passed else "miss")
 
 
 def label(f):
@@ -588,7 +553,7 @@ def print_table(result, out=sys.stdout):
         table.append((label(f), f"{f['requests']:,}", ms(lat["p50"]), ms(lat["p99"]), ms(lat["max"]),
                       ms(lat["hit_p99"]), answers_text(f), str(f["aws_calls"]),
                       f"{f['calls_per_window']:.2f} of {f['windows']:.1f}", most_text(f),
-                      "-" if f["ratio"] is None else f"{f['ratio']:.1f}x", f["target"], verdict(f["passed"])))
+                      "-" if f["ratio"] is None else f"{f['ratio']:.1f}x", f["target"], fleet.verdict(f["passed"])))
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     for index, row in enumerate(table):
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
