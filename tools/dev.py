@@ -210,9 +210,12 @@ class Refused(Exception):
     """Why this commit is not a release, in one message."""
 
 
-def git(root, *args, check=True):
-    done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=120)
-    if check and done.returncode != 0:
+def git(root, *args):
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise Refused(f"git {args[0]}: {error}") from error
+    if done.returncode != 0:
         raise Refused(f"git {' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout.strip()
 
