@@ -1078,6 +1078,11 @@ class Credentials:
     __slots__ = ("access_key_id", "secret_access_key", "session_token", "expiration")
 
     def __init__(self, access_key_id, secret_access_key, session_token=None, expiration=None):
+        # Checked where they come in (the environment or a file at start, the container
+        # endpoint's JSON), not at the first call: a CR or LF would inject a header.
+        for field in (access_key_id, secret_access_key, session_token or "none"):
+            if not (isinstance(field, str) and field and field.isascii() and field.isprintable()):
+                raise CredentialsError("a key is empty, or a key or the token is not printable ASCII text")
         self.access_key_id, self.secret_access_key, self.session_token = access_key_id, secret_access_key, session_token
         self.expiration = expiration  # epoch seconds, or None for credentials that do not expire
 
@@ -1336,9 +1341,6 @@ class CredentialProvider:
                                       parse_iso8601(expiration) if expiration else None)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise CredentialsError("container credentials endpoint answered malformed JSON") from None
-        if not all(isinstance(field, str) and field for field in (credentials.access_key_id,
-                                                                  credentials.secret_access_key)):
-            raise CredentialsError("container credentials endpoint answered malformed JSON")
         return credentials
 
     def _credentials_path(self):
@@ -2168,7 +2170,9 @@ class Store:
 
 MAX_NAME_LENGTH = 2048  # SSM parameter names and Secrets Manager ids: 2048 at most
 BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL and C1: no parameter name or secret id holds one, and a C1 such as U+009B (CSI)
+# would reach a terminal as an escape sequence wherever the value is printed.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # An unknown query key is echoed this far: enough to recognise a typo, too little to
 # carry anything pasted by mistake (docs/http-api.md, "Errors").
 ECHOED_KEY_LENGTH = 16
@@ -3724,7 +3728,7 @@ def run_in_lambda(api, early, config, log, service, listener, fatal):
         info = api.registered(early)
         log.debug(f"registered for function {shown(str(info.get('functionName')))}")
         if fatal is not None:
-            log.error(str(fatal))
+            log.error(f"version {__version__}: {fatal}")  # no "listening" line names it
             api.report_error("init", fatal.error_type, str(fatal))
             return 2
         snapshot = config.initialization_type == "snap-start"
@@ -3817,7 +3821,7 @@ def main(argv, early=None):
         if api is not None:
             return run_in_lambda(api, early, config, log, service, listener, fatal)
         if fatal is not None:
-            log.error(str(fatal))
+            log.error(f"version {__version__}: {fatal}")  # no "listening" line names it
             return 2
         while True:
             time.sleep(3600)  # the signal handler raises Stop here

@@ -62,3 +62,17 @@ def test_an_unreachable_extensions_api_is_one_line_naming_the_address():
         f"[parameters-secrets-extension] ERROR POST /register: Extensions API at 127.0.0.1:{port} "
         "unreachable (ConnectionRefusedError)")
     assert "Traceback" not in done.stderr
+
+
+def test_a_failed_start_is_one_line_naming_the_version():
+    # No "version X, listening on ..." line comes when the start fails: the error names
+    # the version itself, so that a report of a failed INIT says which extension failed.
+    import extension
+
+    env = {key: value for key, value in BASE_ENV.items() if key != "AWS_REGION"}
+    done = subprocess.run([sys.executable, str(EXTENSION)], env=dict(env, PARAMETERS_SECRETS_EXTENSION_HTTP_PORT=str(
+        free_port())), capture_output=True, text=True, timeout=20)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.splitlines() == [
+        f"[parameters-secrets-extension] ERROR version {extension.__version__}: no region: looked for AWS_REGION "
+        "and AWS_DEFAULT_REGION"]

@@ -387,7 +387,9 @@ def test_failed_refresh_keeps_valid_credentials(moto, ssm, counting_proxy, creds
     (200, b"this is not JSON"),
     (200, b'{"AccessKeyId": "ASIAHALF", "Token": "t"}'),
     (500, b'{"message": "internal error"}'),
-], ids=["not-json", "no-secret-key", "http-500"])
+    # A token that would inject a header of its own into every signed call to AWS.
+    (200, json.dumps({"AccessKeyId": "ASIAX", "SecretAccessKey": "s", "Token": "t\r\nX-Injected: yes"}).encode()),
+], ids=["not-json", "no-secret-key", "http-500", "token-with-cr-lf"])
 def test_broken_container_endpoint_gives_clear_error(moto, ssm, counting_proxy,
                                                      creds_endpoint, start_extension, answer):
     seed_params(ssm, 1)
@@ -589,6 +591,20 @@ def test_profile_needing_sso_or_role_is_refused(start_extension_raw, tmp_path, w
     # README.md: the line tells how to export the profile's credentials with the AWS CLI.
     hint = f'eval "$(aws configure export-credentials --profile {profile} --format env)"'
     assert hint in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("variable", ["AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"])
+def test_environment_credentials_that_would_inject_a_header_refuse_the_start(start_extension_raw, variable):
+    # Refused at start, naming the cause (not a 500 at the first call), never shown.
+    env = {"AWS_ACCESS_KEY_ID": "AKIAENV", "AWS_SECRET_ACCESS_KEY": "env-secret", "AWS_SESSION_TOKEN": "env-token",
+           "AWS_TOKEN": "request-token-for-injection-test", variable: "abc\r\nX-Injected: yes"}
+    ext = start_extension_raw("http://127.0.0.1:9", env=env)
+    assert ext.proc.returncode == 2, ext.stderr()
+    assert _error_lines(ext.stderr()) == [f"[parameters-secrets-extension] ERROR version {extension.__version__}: "
+                                          "a key is empty, or a key or the token is not printable ASCII text"]
+    assert "\r" not in ext.stderr()  # the key id may be logged (at debug: not a secret), escaped
+    if variable == "AWS_SESSION_TOKEN":
+        assert "Injected" not in ext.stderr()
 
 
 def test_missing_profile_is_refused(start_extension_raw, tmp_path):

@@ -680,8 +680,8 @@ def test_repeated_key_is_400(api):
 
 
 @pytest.mark.parametrize(
-    "query", ["?name=%ZZ", "?name=%C3%28", "?name=a%00b"],
-    ids=["bad-percent", "not-utf8", "nul"],
+    "query", ["?name=%ZZ", "?name=%C3%28", "?name=a%00b", "?name=a%7Fb", "?name=a%C2%9Bb", "?jsonKey=%C2%85&name=a"],
+    ids=["bad-percent", "not-utf8", "nul", "del", "c1-csi", "c1-nel"],
 )
 def test_malformed_query_is_400(api, query):
     status, headers, body = api.ext.get(PARAMS + query)

@@ -171,12 +171,24 @@ def test_a_short_local_token_is_not_looked_for_in_values():
     assert status == 200, body
 
 
-def test_a_failed_request_logs_the_name_at_debug_with_control_characters_escaped():
+def test_a_failed_request_logs_the_name_at_debug():
     ssm = StubClient(extension.AwsError(400, "ParameterNotFound", ""))
     service, _, _, log = make_service({"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug"}, ssm=ssm)
-    answer(service, "/systemsmanager/parameters/get?name=/app/%C2%9B31m")  # U+009B: CSI
-    assert log.lines[-1] == ("debug", "GET /systemsmanager/parameters/get (ssm '/app/\\x9b31m') -> "
+    answer(service, "/systemsmanager/parameters/get?name=/app/missing")
+    assert log.lines[-1] == ("debug", "GET /systemsmanager/parameters/get (ssm '/app/missing') -> "
                                       "400 ParameterNotFound: ParameterNotFound (400)")
+
+
+@pytest.mark.parametrize("escaped", ["%1B", "%7F", "%C2%9B"])  # ESC, DEL, and U+009B: CSI
+def test_a_query_holding_a_control_character_is_refused_before_any_call(escaped):
+    ssm = StubClient(extension.AwsError(400, "ParameterNotFound", ""))
+    service, _, _, log = make_service({"PARAMETERS_SECRETS_EXTENSION_LOG_LEVEL": "debug"}, ssm=ssm)
+    status, _, body = answer(service, f"/systemsmanager/parameters/get?name=/app/{escaped}31m")
+    assert (status, body) == (400, {"__type": "MalformedQuery", "message": "the query holds a control character"})
+    assert ssm.calls == []
+    # What is logged of it is escaped (Logging: shown), so the raw character never is.
+    assert not any(character in message for _, message in log.lines for character in "\x1b\x7f\x9b")
+    assert extension.shown("/app/\x1b[31m\x9b31m") == "/app/\\x1b[31m\\x9b31m"
 
 
 def test_an_internal_error_is_a_500_whose_log_line_says_where():
