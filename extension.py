@@ -2016,8 +2016,7 @@ class Store:
                 recent = self._refreshes.get(key)
             if recent is not None and self.clock() - recent[0] < REFRESH_INTERVAL:  # refreshNow's rate: its result
                 _, value, error = recent
-                if error is None:
-                    self.stats.add("hits")
+                self.stats.add("hits" if error is None else "errors")
                 results[key] = (value, "hit") if error is None else self._stale_or_error(key, ttl, error)
         with self._lock:
             for key in keys:
@@ -2050,11 +2049,14 @@ class Store:
                     flight.done.set()
         for key, flight in followed:
             wait = WAIT_WITHOUT_BUDGET if deadline is None else deadline - self.clock()
-            if not flight.done.wait(max(0.0, wait)):
+            done = flight.done.wait(max(0.0, wait))
+            error = flight.error if done else UpstreamTimeout("waited for another request's AWS call")
+            # Counted as the leader counts its own answer (whoever called AWS): the hit it
+            # found while queued, else a miss, and an error when it failed.
+            self.stats.add("hits" if error is None and flight.cache_status == "hit" else "misses")
+            if error is not None:
                 self.stats.add("errors")
-                results[key] = self._stale_or_error(key, ttl, UpstreamTimeout("waited for another request's AWS call"))
-            elif flight.error is not None:
-                results[key] = self._stale_or_error(key, ttl, flight.error)
+                results[key] = self._stale_or_error(key, ttl, error)
             else:
                 results[key] = (flight.value, flight.cache_status)
         return results

@@ -119,6 +119,9 @@ def test_a_shared_refresh_shares_the_error_too():
         with pytest.raises(extension.AwsError):
             store.get(KEY, gone, 300, refresh=True)
     assert gone.made == 1
+    # The first miss, then the refresh that failed, then the request that shared its failure.
+    counts = store.stats.snapshot()
+    assert (counts["hits"], counts["misses"], counts["errors"]) == (0, 2, 2)
 
 
 def test_a_refresh_that_finds_the_value_gone_drops_it():
@@ -196,3 +199,37 @@ def test_a_waiter_past_its_deadline_gets_a_stale_value():
     assert store.get(KEY, calls(b"never"), 10, deadline=clock.now + 0.05) == (b"old", "stale")
     release.set()
     leader.join(5)
+
+
+@pytest.mark.parametrize("outcome", [b"value", extension.AwsError(400, "ParameterNotFound", "no such parameter")],
+                         ids=["value", "error"])
+def test_a_request_that_waits_for_another_s_call_is_counted_as_that_call_s_answer(outcome):
+    # Every request once, whoever called AWS: hits + misses + errors are the requests
+    # answered, and aws_calls (counted by the client) shows what single flight saved.
+    store, _, _ = make_store()
+    release, started = threading.Event(), threading.Event()
+
+    def slow(deadline=None):
+        started.set()
+        release.wait(10)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    leader = threading.Thread(target=lambda: store.get_many([KEY], lambda keys, deadline: {KEY: slow()}, 300),
+                              daemon=True)
+    leader.start()
+    assert started.wait(5)
+    begun = store.begin([KEY], 300)
+    assert begun[1] == [] and [key for key, _ in begun[2]] == [KEY]  # it follows the leader's flight
+    release.set()
+    answer = store.settle(begun, calls(b"never"), 300)[KEY]
+    leader.join(5)
+    if isinstance(outcome, Exception):
+        assert answer is outcome
+        expected = {"hits": 0, "misses": 2, "errors": 2}  # both missed the cache, and both failed
+    else:
+        assert answer == (b"value", "miss")
+        expected = {"hits": 0, "misses": 2, "errors": 0}
+    counts = store.stats.snapshot()
+    assert {name: counts[name] for name in expected} == expected
