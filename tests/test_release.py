@@ -44,11 +44,21 @@ def test_dash_dash_version_prints_the_name_and_the_version():
     assert (done.returncode, done.stdout, done.stderr) == (0, f"{NAME} {VERSION}\n", "")
 
 
+def _numbers(version):
+    return tuple(int(number) for number in version.split("-")[0].split("."))
+
+
 def test_the_changelog_s_newest_release_is_this_version():
     # A raised __version__ without its changelog entry (or the reverse) fails here, long
-    # before anyone runs the release command.
-    entry = dev.changelog_entry((ROOT / "CHANGELOG.md").read_text(encoding="utf-8"), VERSION)
-    assert "### " in entry
+    # before anyone runs the release command. Between releases __version__ is the next
+    # one with "-dev" (a build of main is not the last release), its entries under
+    # [Unreleased].
+    text = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    if VERSION.endswith("-dev"):
+        newest = next(m.group(1) for m in dev.RELEASE_HEADING.finditer(text) if m.group(1) != "Unreleased")
+        assert _numbers(VERSION) > _numbers(newest), (VERSION, newest)
+    else:
+        assert "### " in dev.changelog_entry(text, VERSION)
 
 
 def test_every_changelog_entry_uses_keep_a_changelog_sections():
@@ -154,6 +164,13 @@ def test_release_refuses_a_version_raised_without_its_changelog_entry(project, c
     _commit(project)
     assert _refused(project, capsys) == (
         f"CHANGELOG.md's newest release is {VERSION}, extension.py's __version__ is 99.0.0")
+
+
+def test_release_refuses_a_development_version(project, capsys):
+    _edit(project, "extension.py", f'__version__ = "{VERSION}"', '__version__ = "99.0.0-dev"')
+    _commit(project)
+    assert _refused(project, capsys) == (
+        "99.0.0-dev is the version between releases: set the release's own in __version__ first")
 
 
 def test_release_refuses_entries_left_under_unreleased(project, capsys):

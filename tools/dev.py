@@ -254,6 +254,8 @@ def check_release(root):
     if git(root, "status", "--porcelain", "--untracked-files=all"):
         raise Refused("the working tree is not clean (git status): commit or remove what is not in HEAD")
     version = file_version(root)
+    if version.endswith("-dev"):
+        raise Refused(f"{version} is the version between releases: set the release's own in __version__ first")
     entry = changelog_entry((root / "CHANGELOG.md").read_text(encoding="utf-8"), version)
     template = (root / "examples" / "template.yaml").read_text(encoding="utf-8")
     if f"ContentUri: ../dist/{NAME}-{version}-layer.zip\n" not in template or \
