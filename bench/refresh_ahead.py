@@ -46,7 +46,6 @@ import math
 import os
 import re
 import secrets
-import signal
 import socket
 import statistics
 import subprocess
@@ -326,13 +325,7 @@ def run_setting(ahead, python, command, proxy, ttl, seconds, interval_ms, value,
         while proxy.snapshot()[1] and time.monotonic() < drain:
             time.sleep(0.01)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        fleet.stop_processes([proc])
     calls, in_flight, connection_errors = proxy.snapshot()
     return samples, calls, in_flight, connection_errors, proc.returncode, log_facts(logfile)
 
